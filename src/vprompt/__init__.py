@@ -1,0 +1,5 @@
+"""vprompt: visual prompt tuning for frozen pretrained vision backbones."""
+
+from vprompt._version import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,86 @@
+"""The `Backbone` record: a frozen timm model plus what is needed to feed it and identify it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a backbone was pretrained with (timm's ``resolve_data_config`` fields)."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+    @property
+    def img_size(self) -> int:
+        return int(self.input_size[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        return cls(
+            input_size=tuple(int(v) for v in d["input_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=str(d.get("interpolation", "bicubic")),
+            crop_pct=float(d.get("crop_pct", 1.0)),
+        )
+
+
+def fingerprint_state(model: nn.Module) -> str:
+    """A short SHA-256 over every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Backbone:
+    """A frozen pretrained model and its metadata.
+
+    Attributes:
+        model: the timm model; every parameter has ``requires_grad=False``.
+        spec: the spec string it was loaded from (``zoo:dinov2-s``, ``timm:vit_base_patch16_224``...).
+        arch: timm architecture name.
+        data_config: preprocessing the weights expect, at the image size actually used.
+    """
+
+    model: nn.Module
+    spec: str
+    arch: str
+    data_config: DataConfig
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def img_size(self) -> int:
+        return self.data_config.img_size
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the frozen weights: a task artifact is only valid on the same weights."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_state(self.model)
+        return self._fingerprint
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())

@@ -1,0 +1,25 @@
+"""Exceptions raised by vprompt. Every message says what was wrong and what to do."""
+
+
+class VPromptError(Exception):
+    """Base class of every error vprompt raises on bad input."""
+
+
+class ConfigError(VPromptError, ValueError):
+    """A method, training or sweep option that does not fit."""
+
+
+class BackboneError(VPromptError):
+    """A backbone spec, checkpoint or zoo entry that cannot be loaded."""
+
+
+class DataError(VPromptError):
+    """A dataset spec, file or split that cannot be read."""
+
+
+class TaskError(VPromptError):
+    """A task artifact that is missing, corrupt or made for another backbone."""
+
+
+class TrainingError(VPromptError):
+    """Training cannot go on (for example a NaN loss)."""

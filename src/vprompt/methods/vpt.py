@@ -1,0 +1,277 @@
+"""VPT: Visual Prompt Tuning (Jia et al., ECCV 2022), shallow and deep, on timm ViTs.
+
+Token layout inside the blocks: ``[prefix (CLS, registers), prompts (P), patches (N)]``. Prompts
+are inserted after the position embedding is added, so they carry no position embedding.
+
+Two execution paths compute the same logits for VPT-deep:
+
+* reference: the P prompt tokens go through every block like any other token; before block
+  i >= 1 their outputs are thrown away and replaced by block i's prompts.
+* fast (default where exact): since the prompt outputs are thrown away, a block only needs the
+  prompts' keys and values, and since prompts do not depend on the image these are computed once
+  per forward for the whole batch. The image tokens attend to ``[prompt K/V, own K/V]`` through
+  fused scaled-dot-product attention; queries, attention outputs and MLP run for image tokens
+  only. Cost is nearly independent of P.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vprompt.errors import ConfigError
+from vprompt.methods.base import Method, MethodConfig, check_choice
+from vprompt.methods.registry import register_method
+
+PromptInit = Literal["uniform", "normal", "zeros"]
+"""``uniform``: the official U(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + prompt_dim)).
+``normal``: N(0, 0.02). ``zeros``: all zero (a control)."""
+
+FastPath = Literal["auto", "on", "off"]
+
+
+@dataclass
+class VPTConfig(MethodConfig):
+    """VPT options.
+
+    Attributes:
+        prompt_len: prompt tokens P (per block for deep).
+        init: how prompts start (see `PromptInit`).
+        project: if > 0, prompts live in this many dimensions and a shared linear layer maps them
+            to the model width (the official ``PROJECT`` option); -1 for none.
+        prompt_dropout: dropout on the prompt tokens (official default 0.0; 0.1 in released runs).
+        fast: VPT-deep fast path: ``auto`` uses it where exact, ``on`` requires it, ``off`` runs the
+            reference path. Ignored (reference) for shallow.
+    """
+
+    name: ClassVar[str] = "vpt"
+    deep: ClassVar[bool] = False
+    prompt_len: int = 10
+    init: PromptInit = "uniform"
+    project: int = -1
+    prompt_dropout: float = 0.0
+    fast: FastPath = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "init", PromptInit)
+        check_choice(self, "fast", FastPath)
+        if not isinstance(self.prompt_len, int) or self.prompt_len < 1:
+            raise ConfigError(f"{self.name}: prompt_len must be a positive integer, got {self.prompt_len!r}")
+        if self.project == 0 or self.project < -1:
+            raise ConfigError(f"{self.name}: project must be -1 (no projection) or > 0, got {self.project}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"{self.name}: prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.fast == "on" and not self.deep:
+            raise ConfigError(f"{self.name}: the fast path exists for deep prompts only; use fast='auto'")
+        if self.fast == "on" and self.pool == "all-mean":
+            raise ConfigError(
+                f"{self.name}: pool='all-mean' averages the prompt outputs, which the fast path never "
+                "computes; use fast='off' (or 'auto') or another pool"
+            )
+
+
+@dataclass
+class VPTShallowConfig(VPTConfig):
+    """VPT-shallow: P prompts in front of the first block only."""
+
+    name: ClassVar[str] = "vpt-shallow"
+    deep: ClassVar[bool] = False
+
+
+@dataclass
+class VPTDeepConfig(VPTConfig):
+    """VPT-deep: a separate set of P prompts for every block."""
+
+    name: ClassVar[str] = "vpt-deep"
+    deep: ClassVar[bool] = True
+
+
+def check_vit(backbone: nn.Module, method: str) -> VisionTransformer:
+    if not isinstance(backbone, VisionTransformer):
+        raise ConfigError(
+            f"{method} needs a timm VisionTransformer backbone, got {type(backbone).__name__}; "
+            "for CNNs use 'pro-tuning' or a baseline"
+        )
+    return backbone
+
+
+def supports_fast_path(block: nn.Module) -> bool:
+    """The fast path re-implements timm's pre-norm `Block` with standard `Attention` exactly."""
+    return type(block) is Block and type(block.attn) is Attention
+
+
+def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Images -> tokens entering the first block: (B, prefix + N, D)."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def prompt_kv(block: Block, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of prompt tokens in one block.
+
+    Args:
+        block: a timm `Block` with standard `Attention`.
+        prompts: (P, D) shared by the batch, or (B, P, D) per sample.
+
+    Returns:
+        Keys and values, each (1 or B, H, P, head_dim).
+    """
+    attn = block.attn
+    p = prompts if prompts.ndim == 3 else prompts.unsqueeze(0)  # (B|1, P, D)
+    b, n, _ = p.shape
+    qkv = attn.qkv(block.norm1(p)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+    _, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B|1, H, P, hd)
+    return attn.k_norm(k), v
+
+
+def block_with_prompt_kv(
+    block: Block, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor
+) -> torch.Tensor:
+    """One timm `Block` on image tokens that also attend to prompt keys/values.
+
+    Args:
+        x: image tokens (B, T, D) (prefix + patches, no prompts).
+        pk: prompt keys (1 or B, H, P, hd); pv: prompt values, same shape.
+
+    Returns:
+        The block's output for the image tokens, (B, T, D): exactly what the full block computes
+        at those positions when the prompt tokens are part of its input.
+    """
+    attn = block.attn
+    B, T, C = x.shape
+    h = block.norm1(x)
+    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # each (B, H, T, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, H, P + T, hd)
+    v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)  # (B, H, P + T, hd)
+    o = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )  # (B, H, T, hd)
+    o = attn.norm(o.transpose(1, 2).reshape(B, T, attn.attn_dim))  # (B, T, H * hd)
+    if gate is not None:
+        o = o * gate
+    o = attn.proj_drop(attn.proj(o))
+    x = x + block.drop_path1(block.ls1(o))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+class VPT(Method):
+    """Learnable prompt tokens in the input space of a frozen ViT (shallow or deep)."""
+
+    config_class: ClassVar[type[MethodConfig]] = VPTConfig
+
+    def __init__(self, config: VPTConfig, backbone: nn.Module) -> None:
+        super().__init__(config, backbone)
+        vit = check_vit(backbone, config.name)
+        dim = vit.embed_dim
+        depth = len(vit.blocks)
+        self.num_backbone_prefix = vit.num_prefix_tokens
+        self.prompt_len = config.prompt_len
+        prompt_dim = config.project if config.project > 0 else dim
+        layers = depth if config.deep else 1
+        self.prompts = nn.Parameter(torch.zeros(layers, config.prompt_len, prompt_dim))  # (L, P, d)
+        if config.project > 0:
+            self.prompt_proj: nn.Module = nn.Linear(prompt_dim, dim)
+            nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
+        else:
+            self.prompt_proj = nn.Identity()
+        self.prompt_dropout = nn.Dropout(config.prompt_dropout)
+        self.reset_prompts(vit)
+        self.fast_path = self._choose_path(vit)
+
+    def _choose_path(self, vit: VisionTransformer) -> bool:
+        cfg: VPTConfig = self.config
+        if not cfg.deep or cfg.fast == "off" or cfg.pool == "all-mean":
+            return False
+        unsupported = sorted({type(b).__name__ for b in vit.blocks if not supports_fast_path(b)})
+        if unsupported:
+            if cfg.fast == "on":
+                raise ConfigError(
+                    f"{cfg.name}: fast=on needs timm's standard Block/Attention; this backbone has "
+                    f"{unsupported}. Use fast='auto' to fall back to the reference path"
+                )
+            return False
+        return True
+
+    def reset_prompts(self, vit: VisionTransformer) -> None:
+        """Initialise the prompts as ``config.init`` says."""
+        cfg: VPTConfig = self.config
+        if cfg.init == "uniform":
+            patch = vit.patch_embed.patch_size
+            val = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + self.prompts.shape[-1]))
+            nn.init.uniform_(self.prompts, -val, val)
+        elif cfg.init == "normal":
+            nn.init.normal_(self.prompts, std=0.02)
+        else:
+            nn.init.zeros_(self.prompts)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens in the output of `forward_features` (none on the fast path)."""
+        return 0 if self.fast_path else self.prompt_len
+
+    def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
+        """Prompt tokens for a block, projected and dropped out: (P, D) or (B, P, D).
+
+        Without dropout in training the prompts are shared by the batch and returned as (P, D);
+        with it, each sample gets its own dropout mask, as in the official code.
+        """
+        p = self.prompt_proj(self.prompts[layer])  # (P, D)
+        if self.prompt_dropout.p > 0 and self.training:
+            p = self.prompt_dropout(p.expand(batch, -1, -1))  # (B, P, D)
+        return p
+
+    def forward_features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = embed_tokens(backbone, x)  # (B, prefix + N, D)
+        if self.fast_path:
+            x = self._blocks_fast(backbone, x)
+        else:
+            x = self._blocks_reference(backbone, x)
+        return backbone.norm(x)
+
+    def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _blocks_fast(self, backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        for i, block in enumerate(backbone.blocks):
+            pk, pv = prompt_kv(block, self.layer_prompts(i, B))  # (1|B, H, P, hd)
+            x = self._run(lambda t, k, v, blk=block: block_with_prompt_kv(blk, t, k, v), x, pk, pv)
+        return x  # (B, prefix + N, D)
+
+    def _blocks_reference(self, backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        s = self.num_backbone_prefix
+        P = self.prompt_len
+        for i, block in enumerate(backbone.blocks):
+            if i == 0 or self.config.deep:
+                p = self.layer_prompts(i, B).expand(B, -1, -1)  # (B, P, D)
+                rest = x[:, s:] if i == 0 else x[:, s + P :]  # patches (B, N, D)
+                x = torch.cat([x[:, :s], p, rest], dim=1)  # (B, prefix + P + N, D)
+            x = self._run(block, x)
+        return x  # (B, prefix + P + N, D)
+
+
+@register_method
+class VPTShallow(VPT):
+    config_class: ClassVar[type[MethodConfig]] = VPTShallowConfig
+
+
+@register_method
+class VPTDeep(VPT):
+    config_class: ClassVar[type[MethodConfig]] = VPTDeepConfig
