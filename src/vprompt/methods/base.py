@@ -56,7 +56,9 @@ class MethodConfig:
     def __post_init__(self) -> None:
         check_choice(self, "pool", PoolType)
         if not 0.0 <= self.head_dropout < 1.0:
-            raise ConfigError(f"{self.name}: head_dropout must be in [0, 1), got {self.head_dropout}")
+            raise ConfigError(
+                f"{self.name}: head_dropout must be in [0, 1), got {self.head_dropout}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain JSON-able values (the method name is stored beside them)."""
@@ -169,7 +171,11 @@ def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
         raise ConfigError("pool='avg' is for CNNs; for a ViT use 'cls', 'patch-mean', ...")
     has_cls = getattr(backbone, "cls_token", None) is not None
     if pool == "auto":
-        return "cls" if has_cls and getattr(backbone, "global_pool", "token") == "token" else "patch-mean"
+        return (
+            "cls"
+            if has_cls and getattr(backbone, "global_pool", "token") == "token"
+            else "patch-mean"
+        )
     if pool in ("cls", "cls+patch-mean") and not has_cls:
         raise ConfigError(f"pool={pool!r} needs a class token; this backbone has none")
     return pool
@@ -194,9 +200,7 @@ class PromptedModel(nn.Module):
         if num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ConfigError(
-                f"{len(class_names)} class names given for num_classes={num_classes}"
-            )
+            raise ConfigError(f"{len(class_names)} class names given for num_classes={num_classes}")
         model = backbone.model
         if method.trains_backbone:
             model = copy.deepcopy(model)
@@ -204,7 +208,9 @@ class PromptedModel(nn.Module):
         self.backbone = model
         self.method = method
         self.config = method.config
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.class_names = (
+            list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        )
         self.pool_type = resolve_pool(method.config.pool, model)
         self.head = ClassifierHead(
             self.num_features, num_classes, method.config.head_norm, method.config.head_dropout
@@ -254,7 +260,11 @@ class PromptedModel(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
         fc_norm = getattr(self.backbone, "fc_norm", None)
-        if fc_norm is not None and not isinstance(fc_norm, nn.Identity) and self.pool_type != "cls+patch-mean":
+        if (
+            fc_norm is not None
+            and not isinstance(fc_norm, nn.Identity)
+            and self.pool_type != "cls+patch-mean"
+        ):
             x = fc_norm(x)
         return self.head(x, pre_logits=pre_logits)
 
@@ -264,7 +274,9 @@ class PromptedModel(nn.Module):
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
         cfg = self.method.config
         self.head = ClassifierHead(self.num_features, num_classes, cfg.head_norm, cfg.head_dropout)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.class_names = (
+            list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        )
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -299,7 +311,9 @@ class PromptedModel(nn.Module):
 
     def parameter_report(self) -> dict[str, float]:
         """Trainable parameters (method, head), backbone and total sizes, percent of backbone."""
-        method = sum(p.numel() for n, p in self.named_trainable_parameters() if not n.startswith("head."))
+        method = sum(
+            p.numel() for n, p in self.named_trainable_parameters() if not n.startswith("head.")
+        )
         head = sum(p.numel() for p in self.head.parameters())
         backbone = sum(p.numel() for p in self.backbone.parameters())
         extra = sum(p.numel() for p in self.method.parameters())

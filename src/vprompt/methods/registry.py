@@ -53,7 +53,9 @@ def _as_backbone(backbone: Backbone | nn.Module) -> Backbone:
         backbone.eval()
         size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
         cfg = getattr(backbone, "pretrained_cfg", {}) or {}
-        input_size = (3, int(size[0]), int(size[1])) if size else tuple(cfg.get("input_size", (3, 224, 224)))
+        input_size = (
+            (3, int(size[0]), int(size[1])) if size else tuple(cfg.get("input_size", (3, 224, 224)))
+        )
         data_config = DataConfig(
             input_size=input_size,
             mean=tuple(cfg.get("mean", DataConfig.mean)),

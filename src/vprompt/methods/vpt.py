@@ -65,13 +65,21 @@ class VPTConfig(MethodConfig):
         check_choice(self, "init", PromptInit)
         check_choice(self, "fast", FastPath)
         if not isinstance(self.prompt_len, int) or self.prompt_len < 1:
-            raise ConfigError(f"{self.name}: prompt_len must be a positive integer, got {self.prompt_len!r}")
+            raise ConfigError(
+                f"{self.name}: prompt_len must be a positive integer, got {self.prompt_len!r}"
+            )
         if self.project == 0 or self.project < -1:
-            raise ConfigError(f"{self.name}: project must be -1 (no projection) or > 0, got {self.project}")
+            raise ConfigError(
+                f"{self.name}: project must be -1 (no projection) or > 0, got {self.project}"
+            )
         if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ConfigError(f"{self.name}: prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+            raise ConfigError(
+                f"{self.name}: prompt_dropout must be in [0, 1), got {self.prompt_dropout}"
+            )
         if self.fast == "on" and not self.deep:
-            raise ConfigError(f"{self.name}: the fast path exists for deep prompts only; use fast='auto'")
+            raise ConfigError(
+                f"{self.name}: the fast path exists for deep prompts only; use fast='auto'"
+            )
         if self.fast == "on" and self.pool == "all-mean":
             raise ConfigError(
                 f"{self.name}: pool='all-mean' averages the prompt outputs, which the fast path never "
@@ -149,7 +157,7 @@ def block_with_prompt_kv(
         at those positions when the prompt tokens are part of its input.
     """
     attn = block.attn
-    B, T, C = x.shape
+    B, T, _ = x.shape
     h = block.norm1(x)
     gate = attn.gate(h).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)

@@ -1,0 +1,196 @@
+"""Task artifacts: what one downstream task adds to a backbone, in kilobytes.
+
+A task directory holds two files:
+
+* ``task.safetensors``: the method's tensors, any backbone weights it tuned, and the head.
+* ``task.json``: method name and options, backbone spec, architecture and weight fingerprint,
+  image size and preprocessing, number of classes and their names, the vprompt version.
+
+Nothing is pickled: loading a task never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vprompt._version import __version__
+from vprompt.backbones.base import Backbone, DataConfig
+from vprompt.errors import TaskError, VPromptError
+
+if TYPE_CHECKING:
+    from vprompt.methods.base import PromptedModel
+
+TASK_JSON = "task.json"
+TASK_TENSORS = "task.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TaskInfo:
+    """The parsed ``task.json`` of a task directory."""
+
+    method: str
+    options: dict[str, Any]
+    backbone_spec: str
+    backbone_arch: str
+    backbone_fingerprint: str
+    data_config: DataConfig
+    num_classes: int
+    class_names: list[str]
+    vprompt_version: str
+    extra: dict[str, Any]
+
+    @property
+    def img_size(self) -> int:
+        return self.data_config.img_size
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_task(model: PromptedModel, directory: str | os.PathLike, **extra: Any) -> Path:
+    """Write a task artifact for ``model`` into ``directory`` (created if needed).
+
+    Args:
+        model: the trained model.
+        directory: where ``task.json`` and ``task.safetensors`` go.
+        **extra: JSON-able facts to keep with the task (metrics, training config).
+
+    Returns:
+        The directory.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    bb = model.backbone_info
+    meta = {
+        "format": FORMAT_VERSION,
+        "method": model.config.name,
+        "options": model.config.to_dict(),
+        "backbone": {"spec": bb.spec, "arch": bb.arch, "fingerprint": bb.fingerprint},
+        "data_config": bb.data_config.to_dict(),
+        "num_classes": model.num_classes,
+        "class_names": model.class_names,
+        "vprompt_version": __version__,
+        "extra": extra,
+    }
+    tensors = model.task_state_dict()
+    _atomic_write(out / TASK_TENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / TASK_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return out
+
+
+def read_task_info(directory: str | os.PathLike) -> TaskInfo:
+    """Read and check ``task.json`` without loading any tensor."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise TaskError(
+            f"task directory {d} does not exist; pass the folder that holds {TASK_JSON}"
+        )
+    meta_path = d / TASK_JSON
+    if not meta_path.is_file():
+        raise TaskError(f"{meta_path} is missing: {d} is not a vprompt task directory")
+    try:
+        meta = json.loads(meta_path.read_text())
+        return TaskInfo(
+            method=meta["method"],
+            options=dict(meta["options"]),
+            backbone_spec=meta["backbone"]["spec"],
+            backbone_arch=meta["backbone"]["arch"],
+            backbone_fingerprint=meta["backbone"]["fingerprint"],
+            data_config=DataConfig.from_dict(meta["data_config"]),
+            num_classes=int(meta["num_classes"]),
+            class_names=list(meta["class_names"]),
+            vprompt_version=str(meta.get("vprompt_version", "?")),
+            extra=dict(meta.get("extra", {})),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TaskError(
+            f"{meta_path} is corrupt or not a vprompt task file ({type(e).__name__}: {e})"
+        ) from e
+
+
+def load_task(
+    directory: str | os.PathLike,
+    backbone: Backbone | None = None,
+    map_location: str | torch.device = "cpu",
+) -> PromptedModel:
+    """Rebuild a trained task.
+
+    Args:
+        directory: a folder written by `save_task`.
+        backbone: the shared backbone to attach to; loaded from the task's spec when None.
+        map_location: device for the task's tensors.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        TaskError: the folder is not a task, is corrupt, or the backbone's weights differ from the
+            ones the task was trained on.
+    """
+    from vprompt.methods.registry import attach
+
+    info = read_task_info(directory)
+    if backbone is None:
+        from vprompt.backbones import load_backbone
+
+        backbone = load_backbone(info.backbone_spec, img_size=info.img_size)
+    check_backbone(info, backbone, directory)
+    tensors_path = Path(directory) / TASK_TENSORS
+    if not tensors_path.is_file():
+        raise TaskError(f"{tensors_path} is missing; the task directory is incomplete")
+    try:
+        state = load_file(str(tensors_path), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise TaskError(f"{tensors_path} is corrupt ({type(e).__name__}: {e})") from e
+    try:
+        model = attach(
+            backbone,
+            info.method,
+            num_classes=info.num_classes,
+            class_names=info.class_names,
+            **info.options,
+        )
+        model.load_task_state_dict(state)
+    except VPromptError as e:
+        raise TaskError(f"task {directory} does not fit: {e}") from e
+    return model.eval()
+
+
+def check_backbone(info: TaskInfo, backbone: Backbone, directory: str | os.PathLike = "") -> None:
+    """Refuse a backbone whose weights differ from those the task was trained on."""
+    if backbone.fingerprint != info.backbone_fingerprint:
+        raise TaskError(
+            f"task {directory} was trained on backbone '{info.backbone_spec}' ({info.backbone_arch}, "
+            f"fingerprint {info.backbone_fingerprint}) but the given backbone is '{backbone.spec}' "
+            f"({backbone.arch}, fingerprint {backbone.fingerprint}); load the task with the backbone "
+            "it was trained on"
+        )
+    if backbone.img_size != info.img_size:
+        raise TaskError(
+            f"task {directory} was trained at {info.img_size} px but the backbone is set up for "
+            f"{backbone.img_size} px; load the backbone with img_size={info.img_size}"
+        )
+
+
+def task_size_bytes(directory: str | os.PathLike) -> int:
+    """Bytes on disk of a task directory's two files."""
+    d = Path(directory)
+    return sum((d / f).stat().st_size for f in (TASK_JSON, TASK_TENSORS) if (d / f).exists())

@@ -1,0 +1,123 @@
+"""Task artifacts: save -> load gives identical logits; wrong backbones and corrupt files are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from vprompt.backbones.base import Backbone, DataConfig
+from vprompt.errors import TaskError
+from vprompt.methods import attach
+from vprompt.tasks import TASK_JSON, TASK_TENSORS, load_task, read_task_info, task_size_bytes
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = DataConfig(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    return Backbone(
+        model=model,
+        spec="timm:vit_tiny_patch16_224?pretrained=false",
+        arch="vit_tiny_patch16_224",
+        data_config=cfg,
+    )
+
+
+def trained(name: str, backbone: Backbone, **options) -> torch.nn.Module:
+    model = attach(backbone, name, num_classes=3, class_names=["cat", "dog", "owl"], **options)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    model.train()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("vpt-deep", {"prompt_len": 4}), ("vpt-shallow", {"project": 8})]
+)
+def test_save_load_identical_logits(tmp_path, name, options):
+    bb = tiny_backbone()
+    model = trained(name, bb, **options)
+    model.save_task(tmp_path / "task", note="hello")
+    info = read_task_info(tmp_path / "task")
+    assert info.method == name
+    assert info.class_names == ["cat", "dog", "owl"]
+    assert info.backbone_fingerprint == bb.fingerprint
+    assert info.extra == {"note": "hello"}
+    assert info.data_config == bb.data_config
+    loaded = load_task(tmp_path / "task", backbone=bb)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+    assert loaded.class_names == ["cat", "dog", "owl"]
+
+
+def test_artifact_size_is_the_prompts_and_head(tmp_path):
+    bb = tiny_backbone()
+    model = attach(bb, "vpt-deep", num_classes=3, prompt_len=4)
+    model.save_task(tmp_path)
+    tensor_bytes = 4 * sum(v.numel() for v in model.task_state_dict().values())
+    size = (tmp_path / TASK_TENSORS).stat().st_size
+    assert tensor_bytes <= size < tensor_bytes + 4096
+    assert task_size_bytes(tmp_path) > size
+
+
+def test_fingerprint_mismatch_is_refused_naming_both(tmp_path):
+    model = trained("vpt-deep", tiny_backbone(seed=0))
+    model.save_task(tmp_path)
+    other = tiny_backbone(seed=1)
+    with pytest.raises(TaskError, match="fingerprint") as e:
+        load_task(tmp_path, backbone=other)
+    assert model.backbone_info.fingerprint in str(e.value)
+    assert other.fingerprint in str(e.value)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(TaskError, match="does not exist"):
+        load_task(tmp_path / "nope", backbone=tiny_backbone())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaskError, match="not a vprompt task directory"):
+        load_task(tmp_path / "empty", backbone=tiny_backbone())
+    bb = tiny_backbone()
+    trained("vpt-deep", bb).save_task(tmp_path / "t")
+    (tmp_path / "t" / TASK_TENSORS).write_bytes(b"\x00garbage")
+    with pytest.raises(TaskError, match="corrupt"):
+        load_task(tmp_path / "t", backbone=bb)
+    (tmp_path / "t" / TASK_JSON).write_text("{not json")
+    with pytest.raises(TaskError, match="corrupt"):
+        load_task(tmp_path / "t", backbone=bb)
+
+
+def test_tensors_for_another_config_are_refused(tmp_path):
+    bb = tiny_backbone()
+    trained("vpt-deep", bb, prompt_len=4).save_task(tmp_path)
+    meta = json.loads((tmp_path / TASK_JSON).read_text())
+    meta["options"]["prompt_len"] = 5
+    (tmp_path / TASK_JSON).write_text(json.dumps(meta))
+    with pytest.raises(TaskError, match="shape mismatch"):
+        load_task(tmp_path, backbone=bb)
+
+
+def test_no_pickle_in_artifact(tmp_path):
+    trained("vpt-deep", tiny_backbone()).save_task(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TASK_JSON, TASK_TENSORS]
+    header_len = int.from_bytes((tmp_path / TASK_TENSORS).read_bytes()[:8], "little")
+    header = json.loads((tmp_path / TASK_TENSORS).read_bytes()[8 : 8 + header_len])
+    assert "method.prompts" in header
