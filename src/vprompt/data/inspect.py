@@ -1,0 +1,86 @@
+"""A picture of a dataset: sample images per class in a grid (for ``vprompt data inspect``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vprompt.data.dataset import ImageDataset
+
+CELL_INCHES = 1.1
+
+
+def sample_indices(
+    dataset: ImageDataset, per_class: int, seed: int = 0, max_classes: int | None = None
+) -> list[list[int]]:
+    """Per class (up to ``max_classes``), up to ``per_class`` seeded random item indices."""
+    labels = dataset.records.labels
+    rng = np.random.default_rng(seed)
+    classes = range(
+        dataset.num_classes if max_classes is None else min(max_classes, dataset.num_classes)
+    )
+    rows = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        take = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else idx
+        rows.append(sorted(take.tolist()))
+    return rows
+
+
+def save_grid(
+    dataset: ImageDataset,
+    out: Path,
+    per_class: int = 8,
+    seed: int = 0,
+    max_classes: int | None = 30,
+    title: str = "",
+) -> Path:
+    """Write a PNG with one row per class (labelled) of unnormalised sample images.
+
+    Args:
+        dataset: the split to show; images are drawn before resizing and normalisation.
+        out: the PNG path (parent folders are created).
+        per_class: images per row.
+        seed: which images are drawn.
+        max_classes: show at most this many classes (the first ones); None for all.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sample_indices(dataset, per_class, seed, max_classes)
+    n_rows, n_cols = max(len(rows), 1), max(per_class, 1)
+    label_width = 0.12 * max((len(n) for n in dataset.class_names[: len(rows)]), default=4)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(label_width + n_cols * CELL_INCHES, 0.5 + n_rows * CELL_INCHES),
+        squeeze=False,
+    )
+    for r, indices in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(indices):
+                img = np.asarray(dataset.image(indices[c]))
+                small = max(img.shape[:2]) < 64
+                ax.imshow(img, interpolation="nearest" if small else "antialiased")
+        axes[r][0].set_ylabel(
+            dataset.class_names[r], rotation=0, ha="right", va="center", fontsize=10
+        )
+    if len(rows) < dataset.num_classes:
+        title = f"{title}  (first {len(rows)} of {dataset.num_classes} classes)".strip()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

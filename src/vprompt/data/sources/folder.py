@@ -1,0 +1,85 @@
+"""``folder:PATH``: class sub-folders, either per split or one tree split by fractions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vprompt.data.records import FILE_LOADER, IMAGE_EXTENSIONS, ImageRecords
+from vprompt.data.sources.base import SourceSplits, require_dir
+from vprompt.data.specs import DataSpec
+from vprompt.errors import DataError
+
+SPLIT_DIRS: tuple[str, ...] = ("train", "val", "test")
+
+FOLDER_LAYOUT = (
+    "either PATH/train/<class>/<image> with optional PATH/val/<class>/... and "
+    "PATH/test/<class>/..., or a single tree PATH/<class>/<image> split by fractions "
+    "(folder:PATH?val=0.1&test=0.2)"
+)
+
+
+def load_folder(spec: DataSpec) -> SourceSplits:
+    """Read a folder of class sub-folders.
+
+    If any of ``train/``, ``val/``, ``test/`` exists, the split layout is used and ``train/``
+    is required; class names come from ``train/`` (sorted) and the other splits may only use
+    those. Otherwise the folder itself is one class tree (the train pool).
+    """
+    root = spec.path
+    require_dir(root, "Dataset folder")
+    present = {s: root / s for s in SPLIT_DIRS if (root / s).is_dir()}
+    if not present:
+        class_names, train = read_class_tree(root, None)
+        return SourceSplits(class_names, train, layout=f"one class tree at {root}")
+    if "train" not in present:
+        found = ", ".join(f"{s}/" for s in present)
+        raise DataError(
+            f"Dataset folder {root} has {found} but no train/ folder; expected {FOLDER_LAYOUT}."
+        )
+    class_names, train = read_class_tree(present["train"], None)
+    others = {
+        s: read_class_tree(present[s], class_names)[1] for s in ("val", "test") if s in present
+    }
+    layout = f"split folders {', '.join(f'{s}/' for s in present)} at {root}"
+    return SourceSplits(class_names, train, others.get("val"), others.get("test"), layout=layout)
+
+
+def read_class_tree(root: Path, class_names: list[str] | None) -> tuple[list[str], ImageRecords]:
+    """Read ``root/<class>/**/<image>``.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        class_names: the classes allowed (from ``train/``), or None to take the sorted sub-folders.
+    """
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"Folder {root} has no class sub-folders; expected {FOLDER_LAYOUT}.")
+    names = class_names if class_names is not None else [p.name for p in class_dirs]
+    index = {n: i for i, n in enumerate(names)}
+    pairs: list[tuple[str, int]] = []
+    for class_dir in class_dirs:
+        if class_dir.name not in index:
+            raise DataError(
+                f"Class folder {class_dir} has no counterpart in {root.parent / 'train'}; every "
+                "val/ and test/ class must also be a train/ class. Rename or remove it."
+            )
+        files = list_images(class_dir)
+        if not files:
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            raise DataError(
+                f"Class folder {class_dir} holds no images (looked for {exts}); add images or "
+                "remove the folder."
+            )
+        pairs.extend((str(f), index[class_dir.name]) for f in files)
+    return names, ImageRecords.from_pairs(pairs, FILE_LOADER, origin=str(root))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted, hidden files skipped)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
