@@ -1,17 +1,31 @@
 """Tuning methods: one module per method, registered by name.
 
-Importing this package registers every built-in method.
+Importing this package registers every built-in method: ``linear``, ``full``, ``bitfit``,
+``partial``, ``vpt-shallow``, ``vpt-deep``, ``spt-shallow``, ``spt-deep`` and ``pro-tuning``.
 """
 
 from vprompt.methods.base import ClassifierHead, Method, MethodConfig, PoolType, PromptedModel
-from vprompt.methods.registry import attach, get_method_class, list_methods, make_config, register_method
+from vprompt.methods.baselines import BitFitConfig, FullConfig, LinearConfig, PartialConfig
+from vprompt.methods.pro_tuning import ProTuningConfig
+from vprompt.methods.registry import (
+    attach,
+    get_method_class,
+    list_methods,
+    make_config,
+    register_method,
+)
 from vprompt.methods.vpt import VPTConfig, VPTDeepConfig, VPTShallowConfig
 
 __all__ = [
+    "BitFitConfig",
     "ClassifierHead",
+    "FullConfig",
+    "LinearConfig",
     "Method",
     "MethodConfig",
+    "PartialConfig",
     "PoolType",
+    "ProTuningConfig",
     "PromptedModel",
     "VPTConfig",
     "VPTDeepConfig",

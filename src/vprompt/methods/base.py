@@ -29,10 +29,11 @@ PoolType = Literal["auto", "cls", "patch-mean", "cls+patch-mean", "all-mean", "a
 
 ``cls``: the class token. ``patch-mean``: mean of the patch tokens (no prefix, no prompts).
 ``cls+patch-mean``: both, concatenated (2 x D). ``all-mean``: mean of every token but the class
-token, prompt outputs included (the official VPT code for MAE backbones). ``avg``: global average
-of a CNN feature map. ``auto``: what the backbone was pretrained with (``cls`` for ViTs with a
-class token and ``global_pool='token'``, ``patch-mean`` for ViTs pooled by average, ``avg`` for
-CNNs).
+token, prompt outputs included (the official VPT code for MAE backbones). ``avg``: for CNNs and
+other non-ViT backbones (Swin, ConvNeXt...), the backbone's own pooling (timm's
+``forward_head(x, pre_logits=True)``: global average and, where the model has one, its head norm).
+``auto``: what the backbone was pretrained with (``cls`` for ViTs with a class token and
+``global_pool='token'``, ``patch-mean`` for ViTs pooled by average, ``avg`` otherwise).
 """
 
 
@@ -154,8 +155,10 @@ class ClassifierHead(nn.Module):
 
 
 def is_vit(model: nn.Module) -> bool:
-    """True for timm ViT-style models: patch embedding, position embedding and a block list."""
-    return all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm"))
+    """True for timm `VisionTransformer` models (and subclasses): tokens with a prefix."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
 
 
 def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
@@ -163,8 +166,8 @@ def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
     if not is_vit(backbone):
         if pool not in ("auto", "avg"):
             raise ConfigError(
-                f"pool={pool!r} needs a ViT backbone (tokens); {type(backbone).__name__} gives a "
-                "feature map: use pool='avg' (or 'auto')"
+                f"pool={pool!r} needs a timm VisionTransformer; {type(backbone).__name__} is "
+                "pooled by its own head: use pool='avg' (or 'auto')"
             )
         return "avg"
     if pool == "avg":
@@ -246,7 +249,7 @@ class PromptedModel(nn.Module):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """One feature vector per image from `forward_features` output."""
         if self.pool_type == "avg":
-            return x.mean(dim=(2, 3)) if x.ndim == 4 else x  # (B, C, H, W) -> (B, C)
+            return self.backbone.forward_head(x, pre_logits=True)  # (B, C)
         patches = x[:, self.num_prefix_tokens :]  # (B, N, D)
         if self.pool_type == "cls":
             return x[:, 0]
@@ -282,8 +285,18 @@ class PromptedModel(nn.Module):
         return self.head
 
     def no_weight_decay(self) -> set[str]:
-        """Names of trainable 1-D tensors (biases, norms, prompts' scales), as timm reports them."""
-        return {n for n, p in self.named_trainable_parameters() if p.ndim <= 1}
+        """Trainable tensors to exempt from weight decay, as timm names them.
+
+        Every 1-D tensor (biases, norm scales) plus what the backbone itself exempts (position
+        embeddings, class and register tokens) where the method trains it.
+        """
+        names = {n for n, p in self.named_trainable_parameters() if p.ndim <= 1}
+        backbone_nwd = getattr(self.backbone, "no_weight_decay", None)
+        exempt = set(backbone_nwd()) if callable(backbone_nwd) else set()
+        for n, _ in self.method.backbone_parameters(self.backbone):
+            if n in exempt:
+                names.add(f"backbone.{n}")
+        return names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.method.set_grad_checkpointing(enable)
@@ -327,11 +340,19 @@ class PromptedModel(nn.Module):
             "trainable_percent": 100.0 * trainable / max(backbone, 1),
         }
 
+    def _backbone_task_tensors(self) -> dict[str, torch.Tensor]:
+        """Backbone tensors the task changes: tuned weights, and the buffers (batch-norm
+        statistics) of a backbone that trains in training mode."""
+        tensors = {n: p for n, p in self.method.backbone_parameters(self.backbone)}
+        if self.method.backbone_train_mode:
+            tensors.update(dict(self.backbone.named_buffers()))
+        return tensors
+
     def task_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what the task adds to the backbone: method tensors, tuned backbone weights, head."""
         state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
-        for n, p in self.method.backbone_parameters(self.backbone):
-            state[f"backbone.{n}"] = p.detach()
+        for n, t in self._backbone_task_tensors().items():
+            state[f"backbone.{n}"] = t.detach()
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
@@ -365,10 +386,10 @@ class PromptedModel(nn.Module):
         self.method.load_state_dict(groups["method"], strict=True)
         self.head.load_state_dict(groups["head"], strict=True)
         if groups["backbone"]:
-            params = dict(self.method.backbone_parameters(self.backbone))
+            tensors = self._backbone_task_tensors()
             with torch.no_grad():
                 for name, value in groups["backbone"].items():
-                    params[name].copy_(value)
+                    tensors[name].copy_(value)
 
     def save_task(self, directory: str, **extra: Any) -> Any:
         """Write ``task.safetensors`` + ``task.json`` (see `vprompt.tasks`)."""

@@ -1,0 +1,48 @@
+"""Where converted weights live, and how they are written (atomically) and read back."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CACHE_ENV = "VPROMPT_CACHE"
+
+
+def cache_dir() -> Path:
+    """The vprompt cache: ``$VPROMPT_CACHE``, else ``$XDG_CACHE_HOME/vprompt``, else ``~/.cache/vprompt``."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "vprompt"
+
+
+def write_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader never sees a half-written file, and two writers racing leave one complete file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must stay readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata stored in a safetensors header ({} when there is none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
