@@ -1,5 +1,66 @@
-"""vprompt: visual prompt tuning for frozen pretrained vision backbones."""
+"""vprompt: visual prompt tuning for frozen pretrained vision backbones.
+
+The data path, in one screen::
+
+    import vprompt
+
+    backbone = vprompt.load_backbone("zoo:dinov2-s", img_size=112)      # frozen timm model
+    splits = vprompt.build_splits("builtin:fashion-mnist", data_config=backbone.data_config,
+                                  train_size=800, val_size=200, test_size=1000)
+    model = vprompt.attach(backbone, "vpt-deep", num_classes=splits.num_classes, prompt_len=10)
+    ...                                                                    # train (vprompt.engine)
+    model.save_task("runs/fmnist/task")                                    # ~200 KB
+    task = vprompt.load_task("runs/fmnist/task", backbone=backbone)
+"""
 
 from vprompt._version import __version__
+from vprompt.backbones import Backbone, DataConfig, list_zoo, load_backbone
+from vprompt.data import DataSplits, build_splits, build_transform
+from vprompt.errors import (
+    BackboneError,
+    ConfigError,
+    DataError,
+    TaskError,
+    TrainingError,
+    VPromptError,
+)
+from vprompt.methods import (
+    Method,
+    MethodConfig,
+    PromptedModel,
+    attach,
+    get_method_class,
+    list_methods,
+    make_config,
+    register_method,
+)
+from vprompt.tasks import TaskInfo, load_task, read_task_info, save_task
 
-__all__ = ["__version__"]
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "DataSplits",
+    "Method",
+    "MethodConfig",
+    "PromptedModel",
+    "TaskError",
+    "TaskInfo",
+    "TrainingError",
+    "VPromptError",
+    "__version__",
+    "attach",
+    "build_splits",
+    "build_transform",
+    "get_method_class",
+    "list_methods",
+    "list_zoo",
+    "load_backbone",
+    "load_task",
+    "make_config",
+    "read_task_info",
+    "register_method",
+    "save_task",
+]

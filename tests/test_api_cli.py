@@ -1,0 +1,64 @@
+"""The public API surface and the `vprompt methods` command."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+import vprompt
+from vprompt.cli import app
+
+EXPECTED_METHODS = {
+    "linear",
+    "full",
+    "bitfit",
+    "partial",
+    "vpt-shallow",
+    "vpt-deep",
+    "spt-shallow",
+    "spt-deep",
+    "pro-tuning",
+}
+
+
+def test_public_api_names_resolve():
+    for name in vprompt.__all__:
+        assert getattr(vprompt, name) is not None, name
+    assert set(vprompt.list_methods()) == EXPECTED_METHODS
+
+
+def test_attach_by_name_and_by_config_agree():
+    import timm
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+    )
+    by_name = vprompt.attach(vit, "vpt-deep", num_classes=4, prompt_len=7)
+    config = vprompt.make_config("vpt-deep", prompt_len=7)
+    by_config = vprompt.attach(vit, config, num_classes=4)
+    assert by_name.config == by_config.config
+    assert by_name.method.prompts.shape == (2, 7, 32)
+
+
+def test_methods_command_lists_every_method_with_options():
+    result = CliRunner().invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.output)
+    assert set(listing) == EXPECTED_METHODS
+    vpt_options = {row["option"]: row["default"] for row in listing["vpt-deep"]}
+    assert vpt_options["prompt_len"] == "10"
+    assert vpt_options["fast"] == "'auto'"
+    assert {row["option"] for row in listing["partial"]} >= {"k", "pool"}
+
+
+def test_version_flag():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert vprompt.__version__ in result.output
