@@ -20,7 +20,13 @@ app = typer.Typer(
 
 # Command groups mounted as `vprompt <group> ...` and modules that add top-level commands.
 _GROUPS = {"zoo": "vprompt.cli.zoo", "data": "vprompt.cli.data"}
-_COMMAND_MODULES = ["vprompt.cli.methods", "vprompt.cli.train", "vprompt.cli.evaluate"]
+_COMMAND_MODULES = [
+    "vprompt.cli.methods",
+    "vprompt.cli.train",
+    "vprompt.cli.evaluate",
+    "vprompt.cli.sweep",
+    "vprompt.cli.serve",
+]
 
 
 def _version(value: bool) -> None:

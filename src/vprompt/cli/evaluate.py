@@ -1,0 +1,89 @@
+"""``vprompt eval`` and ``vprompt predict``: parse, then call `vprompt.engine.inference`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from vprompt.cli.train import EXIT_ERROR, cli_errors
+
+Opt = typer.Option
+
+
+def _format_eval(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['split']} of {report['data']}: {report['n']} images",
+        f"top-1 {100 * report['top1']:.2f}%   top-5 {100 * report['top5']:.2f}%   "
+        f"loss {report['loss']:.4f}",
+        "per class:",
+    ]
+    width = max(5, *(len(n) for n in report["per_class"]))
+    for name, acc in report["per_class"].items():
+        lines.append(f"  {name:<{width}}  " + ("n/a" if acc is None else f"{100 * acc:6.2f}%"))
+    lines.append(f"wrote {report['out']}/metrics.json and confusion.png")
+    return "\n".join(lines)
+
+
+def eval_command(
+    task_dir: Annotated[Path, typer.Argument(help="Task folder (a run's task/).")],
+    data: Annotated[str, Opt(help="Dataset spec with the task's classes.")],
+    split: Annotated[Literal["train", "val", "test"], Opt(help="Split to evaluate.")] = "test",
+    as_json: Annotated[bool, Opt("--json", help="Print the metrics as JSON.")] = False,
+    out: Annotated[
+        Path | None,
+        Opt(help="Folder for metrics.json and confusion.png (default: RUN_DIR/eval-SPLIT)."),
+    ] = None,
+    size: Annotated[int | None, Opt(help="Evaluate a stratified subsample of N images.")] = None,
+    batch_size: Annotated[int, Opt(help="Images per forward.")] = 64,
+    device: Annotated[Literal["auto", "cpu", "cuda"], Opt(help="Device.")] = "auto",
+    workers: Annotated[int, Opt(help="DataLoader workers.")] = 0,
+    seed: Annotated[int | None, Opt(help="Data seed (default: the task's training seed).")] = None,
+) -> None:
+    """Top-1, top-5, per-class accuracy and a confusion matrix of a task on a dataset split."""
+    from vprompt.engine.inference import evaluate_task
+
+    with cli_errors():
+        report = evaluate_task(
+            task_dir,
+            data,
+            split,
+            out=out,
+            size=size,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            seed=seed,
+        )
+        typer.echo(json.dumps(report) if as_json else _format_eval(report))
+
+
+def predict_command(
+    task_dir: Annotated[Path, typer.Argument(help="Task folder (a run's task/).")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    top_k: Annotated[int, Opt(help="Labels per image.")] = 5,
+    batch_size: Annotated[int, Opt(help="Images per forward.")] = 32,
+    device: Annotated[Literal["auto", "cpu", "cuda"], Opt(help="Device.")] = "auto",
+) -> None:
+    """Top-k labels and probabilities, one JSON line per image; unreadable images give an
+    ``error`` line and a nonzero exit status at the end."""
+    from vprompt.engine.inference import expand_inputs, load_task_model, predict_images
+
+    failed = 0
+    with cli_errors():
+        model = load_task_model(task_dir, device)
+        paths = expand_inputs(images)
+        for record in predict_images(model, paths, top_k=top_k, batch_size=batch_size):
+            failed += "error" in record
+            typer.echo(json.dumps(record))
+    if failed:
+        typer.echo(f"error: {failed} of {len(paths)} images could not be read", err=True)
+        raise typer.Exit(EXIT_ERROR)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` and ``predict`` to the ``vprompt`` app."""
+    app.command("eval")(eval_command)
+    app.command("predict")(predict_command)

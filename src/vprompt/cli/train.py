@@ -1,0 +1,247 @@
+"""``vprompt train`` and ``vprompt demo``: parse the flags, then call `vprompt.engine`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from vprompt.errors import ConfigError, VPromptError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _echo_err(message: str) -> None:
+    if _is_main_rank():
+        typer.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def cli_errors(resume_hint: Path | None = None) -> Iterator[None]:
+    """Turn vprompt errors into one clear line on stderr and an exit code (no traceback)."""
+    from vprompt.engine.distributed import shutdown_distributed
+    from vprompt.engine.trainer import TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as e:
+        hint = f"; continue with: vprompt train --resume {resume_hint}" if resume_hint else ""
+        _echo_err(f"interrupted: {e}{hint}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        _echo_err("interrupted before training started (no checkpoint was written)")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except ConfigError as e:
+        _echo_err(f"error: {e}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except VPromptError as e:
+        _echo_err(f"error: {e}")
+        raise typer.Exit(EXIT_ERROR) from None
+    finally:
+        shutdown_distributed()
+
+
+def cli_values(**flags: Any) -> dict[str, Any]:
+    """Only the options the user actually passed (typer gives None for the others)."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+Opt = typer.Option
+
+
+def train(
+    backbone: Annotated[
+        str | None, Opt(help="Backbone spec: zoo:dinov2-s, timm:NAME, file:PATH#ARCH.")
+    ] = None,
+    data: Annotated[
+        str | None, Opt(help="Dataset spec: folder:PATH, vtab:PATH, csv:PATH, builtin:NAME.")
+    ] = None,
+    method: Annotated[
+        str | None,
+        Opt(
+            help="Method: linear, full, bitfit, partial, vpt-shallow, vpt-deep, spt-shallow, spt-deep, pro-tuning."
+        ),
+    ] = None,
+    out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
+    prompt_len: Annotated[int | None, Opt(help="Prompt tokens (prompt methods).")] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Method option KEY=VALUE (YAML value), repeatable.")
+    ] = None,
+    config: Annotated[
+        Path | None, Opt(help="YAML file of options; flags given here override it.")
+    ] = None,
+    epochs: Annotated[int | None, Opt(help="Epochs (default: method default).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Global batch size (default: 32).")] = None,
+    lr: Annotated[float | None, Opt(help="Base learning rate (default: method default).")] = None,
+    wd: Annotated[float | None, Opt(help="Weight decay (default: method default).")] = None,
+    optimizer: Annotated[
+        Literal["sgd", "adamw"] | None, Opt(help="Optimizer (default: method default).")
+    ] = None,
+    lr_scaling: Annotated[
+        Literal["auto", "on", "off"] | None,
+        Opt(help="lr x batch/256: auto = on for SGD (default: auto)."),
+    ] = None,
+    warmup_epochs: Annotated[
+        float | None, Opt(help="Warm-up epochs (default: 10% of epochs, at most 10).")
+    ] = None,
+    min_lr: Annotated[float | None, Opt(help="Final lr of the cosine (default: 1e-8).")] = None,
+    grad_clip: Annotated[
+        float | None, Opt(help="Clip the gradient norm (0 = off) (default: 0).")
+    ] = None,
+    img_size: Annotated[
+        int | None, Opt(help="Image size in pixels (default: backbone default).")
+    ] = None,
+    augment: Annotated[
+        Literal["none", "flip-crop"] | None, Opt(help="Train augmentation (default: none).")
+    ] = None,
+    seed: Annotated[int | None, Opt(help="Seed (default: 0).")] = None,
+    precision: Annotated[
+        Literal["fp32", "bf16"] | None, Opt(help="fp32 or bf16 autocast (default: fp32).")
+    ] = None,
+    compile: Annotated[
+        bool | None, Opt("--compile/--no-compile", help="torch.compile (default: off).")
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool | None,
+        Opt(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Gradient checkpointing (default: off).",
+        ),
+    ] = None,
+    workers: Annotated[int | None, Opt(help="DataLoader workers (default: 0).")] = None,
+    train_size: Annotated[int | None, Opt(help="Subsample train to N images.")] = None,
+    val_size: Annotated[int | None, Opt(help="Subsample val to N images.")] = None,
+    test_size: Annotated[int | None, Opt(help="Subsample test to N images.")] = None,
+    merge_train_val: Annotated[
+        bool | None,
+        Opt("--merge-train-val/--no-merge-train-val", help="Train on train+val (default: off)."),
+    ] = None,
+    skip_bad: Annotated[
+        bool | None, Opt("--skip-bad/--no-skip-bad", help="Drop unreadable images (default: off).")
+    ] = None,
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"] | None, Opt(help="Device (default: auto).")
+    ] = None,
+    ckpt_every_steps: Annotated[
+        int | None, Opt(help="Also checkpoint every N steps (0 = epoch ends) (default: 0).")
+    ] = None,
+    select: Annotated[
+        Literal["last", "best-val"] | None, Opt(help="Weights kept in the task (default: last).")
+    ] = None,
+    feature_cache: Annotated[
+        Literal["auto", "on", "off"] | None,
+        Opt(help="Linear probe on cached features (default: auto)."),
+    ] = None,
+    deterministic: Annotated[
+        bool | None,
+        Opt("--deterministic/--no-deterministic", help="Deterministic algorithms (default: off)."),
+    ] = None,
+    eval_batch_size: Annotated[
+        int | None, Opt(help="Evaluation batch (default: batch size).")
+    ] = None,
+    eval_every: Annotated[
+        int | None, Opt(help="Validate every N epochs (and after the last) (default: 1).")
+    ] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this directory.")] = None,
+    overwrite: Annotated[bool, Opt(help="Replace an existing run directory.")] = False,
+    quiet: Annotated[
+        bool, Opt("--quiet", "-q", help="No progress bar, no per-epoch lines.")
+    ] = False,
+) -> None:
+    """Train a task on a frozen backbone and write a run directory (see docs/training.md)."""
+    from vprompt.engine import (
+        load_config_file,
+        merge_options,
+        parse_set_options,
+        resolve_config,
+        resume_run,
+        train_run,
+    )
+    from vprompt.engine.run import final_line
+
+    flags = cli_values(
+        backbone=backbone,
+        data=data,
+        method=method,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        wd=wd,
+        optimizer=optimizer,
+        lr_scaling=lr_scaling,
+        warmup_epochs=warmup_epochs,
+        min_lr=min_lr,
+        grad_clip=grad_clip,
+        img_size=img_size,
+        augment=augment,
+        seed=seed,
+        precision=precision,
+        compile=compile,
+        grad_checkpointing=grad_checkpointing,
+        workers=workers,
+        train_size=train_size,
+        val_size=val_size,
+        test_size=test_size,
+        merge_train_val=merge_train_val,
+        skip_bad=skip_bad,
+        device=device,
+        ckpt_every_steps=ckpt_every_steps,
+        select=select,
+        feature_cache=feature_cache,
+        deterministic=deterministic,
+        eval_batch_size=eval_batch_size,
+        eval_every=eval_every,
+    )
+    with cli_errors(resume_hint=resume or out):
+        method_options = parse_set_options(set_)
+        if prompt_len is not None:
+            method_options["prompt_len"] = prompt_len
+        if resume is not None:
+            if out is not None or config is not None or method_options or overwrite:
+                raise ConfigError(
+                    "--resume takes the run's own config.yaml; drop --out, --config, --set, --overwrite"
+                )
+            result = resume_run(resume, quiet=quiet, overrides=flags)
+        else:
+            if out is None:
+                raise ConfigError("missing --out RUN_DIR (or --resume RUN_DIR to continue a run)")
+            file_values = load_config_file(config) if config else {}
+            cfg = resolve_config(
+                merge_options(file_values, {**flags, "method_options": method_options})
+            )
+            result = train_run(cfg, out, overwrite=overwrite, quiet=quiet)
+        if _is_main_rank():
+            typer.echo(final_line(result.summary, result.run_dir))
+
+
+def demo(
+    quick: Annotated[bool, Opt(help="A fast smoke version (tiny subsets, 1 epoch).")] = False,
+    out: Annotated[Path, Opt(help="Where the two runs go (replaced each time).")] = Path(
+        "runs/demo"
+    ),
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """VPT-deep vs a linear probe on Fashion-MNIST with DINOv2-S at 112 px (offline, CPU)."""
+    from vprompt.engine.demo import format_demo, run_demo
+
+    with cli_errors():
+        result = run_demo(out=out, quick=quick, quiet=quiet)
+        typer.echo(format_demo(result))
+    sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train`` and ``demo`` to the ``vprompt`` app."""
+    app.command("train")(train)
+    app.command("demo")(demo)

@@ -1,0 +1,123 @@
+"""The resumable training checkpoint: tensors and plain containers only, written atomically.
+
+``checkpoint.pt`` loads with ``torch.load(weights_only=True)``: it holds the trainable state of the
+model, the optimizer and schedule states, every RNG state and the loop position, and nothing
+pickled. ``checkpoint.json`` beside it says in plain text where the checkpoint stands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vprompt.errors import TrainingError
+
+
+def public_mode(path: str | os.PathLike) -> None:
+    """Give a file made by `tempfile.mkstemp` (0600) the permissions ``open()`` would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_INFO = "checkpoint.json"
+FORMAT = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy and python RNG states as tensors and lists."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": int(version), "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    public_mode(tmp)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint.pt`` (then ``checkpoint.json``) through temporary files + rename."""
+    path = run_dir / CHECKPOINT
+    _atomic_torch_save({"format": FORMAT, **state}, path)
+    info = {
+        k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "complete") if k in state
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_INFO}.", dir=run_dir)
+    public_mode(tmp)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, run_dir / CHECKPOINT_INFO)
+    return path
+
+
+def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read ``checkpoint.pt`` with ``weights_only=True``.
+
+    Raises:
+        TrainingError: it is missing or unreadable.
+    """
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise TrainingError(
+            f"{path} does not exist: the run stopped before its first checkpoint; start it again "
+            "with --overwrite"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise TrainingError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); restart with --overwrite"
+        ) from e
+    if state.get("format") != FORMAT:
+        raise TrainingError(
+            f"{path} has checkpoint format {state.get('format')}, expected {FORMAT}"
+        )
+    return state
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """True if no floating tensor holds a NaN or an infinity."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in tensors.values() if torch.is_floating_point(t)
+    )

@@ -1,0 +1,364 @@
+"""Training options: the `TrainConfig` record, per-method defaults, YAML files and precedence.
+
+Precedence, lowest first: global defaults < per-method defaults (`METHOD_DEFAULTS`) < a
+``--config`` YAML file < the command-line flags the user actually passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from vprompt.errors import ConfigError
+
+Optimizer = Literal["sgd", "adamw"]
+LrScaling = Literal["auto", "on", "off"]
+Augment = Literal["none", "flip-crop"]
+Precision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+Select = Literal["last", "best-val"]
+FeatureCache = Literal["auto", "on", "off"]
+
+LR_SCALING_BATCH = 256
+"""The published batch scaling: lr = base_lr x batch / 256 (VPT, MAE)."""
+
+MAX_WARMUP_EPOCHS = 10.0
+WARMUP_FRACTION = 0.1
+"""Default warm-up: 10 % of the epochs (VPT's 10 of 100), at most 10 epochs."""
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """Training defaults of one method and where they come from."""
+
+    optimizer: Optimizer
+    lr: float
+    wd: float
+    epochs: int
+    source: str
+
+
+_PROMPT_SGD = MethodDefaults(
+    "sgd",
+    0.1,
+    1e-4,
+    100,
+    "VPT recipe (SGD m=0.9, 100 epochs, 10 warm-up, cosine; lr and wd from its grid); base lr 0.1 "
+    "(0.0125 at batch 32) is stable on zoo:dinov2-s with the head BatchNorm",
+)
+_PROMPT_ADAMW = MethodDefaults(
+    "adamw",
+    1e-3,
+    1e-4,
+    100,
+    "SPT recipe (AdamW, 10 warm-up epochs, cosine to 1e-8); lr 1e-3 not batch-scaled",
+)
+
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    "linear": MethodDefaults(
+        "sgd",
+        0.1,
+        0.0,
+        100,
+        "MAE linear probe (BatchNorm head, base lr 0.1 x batch/256, no weight decay); "
+        "cheap thanks to the feature cache",
+    ),
+    "full": MethodDefaults(
+        "adamw", 1e-4, 0.05, 30, "common ViT fine-tuning (AdamW, small lr, wd 0.05)"
+    ),
+    "partial": MethodDefaults(
+        "adamw", 1e-4, 0.05, 30, "as full fine-tuning, on the last k blocks only"
+    ),
+    "bitfit": MethodDefaults(
+        "sgd", 0.1, 0.0, 100, "VPT's baseline protocol (same SGD grid as prompts), no decay"
+    ),
+    "vpt-shallow": _PROMPT_SGD,
+    "vpt-deep": _PROMPT_SGD,
+    "spt-shallow": _PROMPT_ADAMW,
+    "spt-deep": _PROMPT_ADAMW,
+    "pro-tuning": MethodDefaults(
+        "adamw",
+        1e-3,
+        1e-4,
+        50,
+        "no published recipe; AdamW 1e-3 suits its zero-initialised prompt blocks",
+    ),
+}
+FALLBACK_DEFAULTS = MethodDefaults("adamw", 1e-3, 1e-4, 50, "generic default for other methods")
+
+
+def method_defaults(method: str) -> MethodDefaults:
+    """The training defaults of ``method`` (`FALLBACK_DEFAULTS` for a method not in the table)."""
+    return METHOD_DEFAULTS.get(method, FALLBACK_DEFAULTS)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run.
+
+    ``None`` in ``epochs``, ``lr``, ``wd``, ``optimizer`` and ``warmup_epochs`` means "the
+    method's default"; `resolve_config` fills them in, so a stored config has none left.
+
+    Attributes:
+        backbone: backbone spec (``zoo:dinov2-s``, ``timm:NAME?pretrained=false``...).
+        data: dataset spec (``folder:PATH``, ``builtin:fashion-mnist``...).
+        method: registered method name.
+        method_options: options of the method's config (``prompt_len``...).
+        epochs: passes over the training split.
+        batch_size: global batch (split across processes under torchrun).
+        lr: base learning rate; the actual one is ``lr x batch_size / 256`` when scaling applies.
+        wd: weight decay (never applied to 1-D tensors: biases, norms).
+        optimizer: ``sgd`` (momentum 0.9, as VPT) or ``adamw`` (as SPT).
+        momentum: SGD momentum.
+        lr_scaling: ``auto`` scales for SGD only; ``on`` / ``off`` force it.
+        warmup_epochs: linear warm-up length (may be fractional) before the cosine decay.
+        min_lr: learning rate at the end of the cosine decay.
+        grad_clip: clip the global gradient norm to this value (0: off).
+        img_size: image side in pixels (the backbone's default when None).
+        augment: ``none`` or ``flip-crop`` (random crop + horizontal flip on train).
+        seed: seeds the head/prompt init, the data order and the augmentation.
+        precision: ``fp32`` or ``bf16`` autocast.
+        compile: wrap the model in ``torch.compile``.
+        grad_checkpointing: recompute activations in backward to save memory.
+        workers: DataLoader worker processes.
+        train_size, val_size, test_size: subsample the splits to this many images.
+        merge_train_val: train on train + val (final runs of the VTAB protocol; no validation).
+        skip_bad: drop unreadable images up front instead of failing.
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+        ckpt_every_steps: also checkpoint every N optimizer steps (0: at epoch ends only).
+        select: weights stored in the task: the ``last`` epoch or the ``best-val`` epoch.
+        feature_cache: linear probing on cached features: ``auto`` when nothing before the head
+            trains and augmentation is off, ``on`` to require it, ``off`` to never use it.
+        deterministic: ``torch.use_deterministic_algorithms(True)``.
+        eval_batch_size: batch for evaluation (``batch_size`` when None).
+        eval_every: validate every N epochs (the last epoch always).
+    """
+
+    backbone: str = ""
+    data: str = ""
+    method: str = ""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    wd: float | None = None
+    optimizer: Optimizer | None = None
+    momentum: float = 0.9
+    lr_scaling: LrScaling = "auto"
+    warmup_epochs: float | None = None
+    min_lr: float = 1e-8
+    grad_clip: float = 0.0
+    img_size: int | None = None
+    augment: Augment = "none"
+    seed: int = 0
+    precision: Precision = "fp32"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    workers: int = 0
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    merge_train_val: bool = False
+    skip_bad: bool = False
+    device: Device = "auto"
+    ckpt_every_steps: int = 0
+    select: Select = "last"
+    feature_cache: FeatureCache = "auto"
+    deterministic: bool = False
+    eval_batch_size: int | None = None
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        _check_ranges(self)
+
+    @property
+    def scaled_lr(self) -> bool:
+        """Whether the batch scaling ``lr x batch / 256`` applies."""
+        if self.lr_scaling == "auto":
+            return self.optimizer == "sgd"
+        return self.lr_scaling == "on"
+
+    @property
+    def actual_lr(self) -> float:
+        """The peak learning rate the optimizer uses."""
+        if self.lr is None:
+            raise ConfigError("lr is not resolved yet; call resolve_config first")
+        return self.lr * self.batch_size / LR_SCALING_BATCH if self.scaled_lr else self.lr
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able values."""
+        return dataclasses.asdict(self)
+
+
+_LITERALS: dict[str, Any] = {
+    "optimizer": Optimizer,
+    "lr_scaling": LrScaling,
+    "augment": Augment,
+    "precision": Precision,
+    "device": Device,
+    "select": Select,
+    "feature_cache": FeatureCache,
+}
+
+
+def _check_literals(cfg: TrainConfig) -> None:
+    for name, lit in _LITERALS.items():
+        value = getattr(cfg, name)
+        if value is None and name == "optimizer":
+            continue
+        if value not in get_args(lit):
+            raise ConfigError(f"{name}={value!r} is not one of {list(get_args(lit))}")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "img_size": cfg.img_size}
+    positive.update(train_size=cfg.train_size, val_size=cfg.val_size, test_size=cfg.test_size)
+    positive["eval_batch_size"] = cfg.eval_batch_size
+    positive["eval_every"] = cfg.eval_every
+    for name, value in positive.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.batch_size < 2:
+        raise ConfigError("batch_size must be at least 2 (the head's BatchNorm needs 2 images)")
+    for name in ("lr", "wd", "min_lr", "grad_clip", "warmup_epochs"):
+        value = getattr(cfg, name)
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    if cfg.lr is not None and cfg.lr == 0:
+        raise ConfigError("lr must be > 0")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    for name in ("workers", "ckpt_every_steps", "seed"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.epochs is not None and cfg.warmup_epochs is not None and cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(
+            f"warmup_epochs={cfg.warmup_epochs} is longer than epochs={cfg.epochs}; lower it"
+        )
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+REQUIRED: tuple[str, ...] = ("backbone", "data", "method")
+
+
+def default_warmup(epochs: int) -> float:
+    """10 % of the epochs (VPT: 10 of 100), at most 10; 0 for a single epoch."""
+    if epochs <= 1:
+        return 0.0
+    return round(min(MAX_WARMUP_EPOCHS, WARMUP_FRACTION * epochs), 6)
+
+
+def resolve_config(values: dict[str, Any]) -> TrainConfig:
+    """Build a complete `TrainConfig` from merged user values plus the method's defaults.
+
+    Args:
+        values: options from a config file and the command line, already merged (the command
+            line wins); keys not given take the method's default, then the global default.
+
+    Raises:
+        ConfigError: an unknown key, a missing backbone/data/method or a bad value.
+    """
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"unknown training option(s) {unknown}; valid options are {sorted(FIELD_NAMES)} "
+            "(method options go under 'method_options:' in YAML or --set KEY=VALUE)"
+        )
+    missing = [k for k in REQUIRED if not values.get(k)]
+    if missing:
+        flags = ", ".join(f"--{k}" for k in missing)
+        raise ConfigError(f"missing {flags}: give it on the command line or in --config FILE.yaml")
+    d = method_defaults(values["method"])
+    merged = dict(values)
+    for key in ("optimizer", "lr", "wd", "epochs"):
+        if merged.get(key) is None:
+            merged[key] = getattr(d, key)
+    if merged.get("warmup_epochs") is None:
+        merged["warmup_epochs"] = default_warmup(int(merged["epochs"]))
+    merged["method_options"] = dict(merged.get("method_options") or {})
+    for key in ("lr", "wd", "min_lr", "momentum", "grad_clip", "warmup_epochs"):
+        value = _number_or_value(merged.get(key))
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if key in merged:
+            merged[key] = value
+    try:
+        return TrainConfig(**merged)
+    except TypeError as e:
+        raise ConfigError(f"bad training options: {e}") from e
+
+
+def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Merge option dicts, later ones winning; ``method_options`` is merged key by key."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "method_options":
+                out["method_options"] = {**out.get("method_options", {}), **(value or {})}
+            else:
+                out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML training config (the ``config.yaml`` of a run directory works too).
+
+    Accepts every `TrainConfig` field at the top level, method options under
+    ``method_options:``; a run directory's ``resolved:`` and ``vprompt_version`` keys are ignored.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value")
+    raw = {
+        k.replace("-", "_"): v for k, v in raw.items() if k not in ("resolved", "vprompt_version")
+    }
+    if "method_options" in raw and not isinstance(raw["method_options"], dict):
+        raise ConfigError(f"config file {p}: method_options must be a mapping")
+    return raw
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are YAML scalars or flow lists (``stages=[1,2]``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prompt_len=50")
+        try:
+            out[key] = _number_or_value(yaml.safe_load(raw)) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set {item!r}: the value is not a YAML scalar or list ({e})"
+            ) from e
+    return out
+
+
+def _number_or_value(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; take such strings as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def config_yaml(cfg: TrainConfig, resolved: dict[str, Any], version: str) -> str:
+    """The ``config.yaml`` text of a run directory."""
+    doc = {**cfg.to_dict(), "resolved": resolved, "vprompt_version": version}
+    return yaml.safe_dump(doc, sort_keys=False)

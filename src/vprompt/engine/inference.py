@@ -1,0 +1,184 @@
+"""Using a trained task: evaluate it on a dataset split, or predict labels for image files."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from vprompt.engine.distributed import DistInfo, pick_device
+from vprompt.engine.evaluate import predict_split, save_confusion_png, summarize
+from vprompt.errors import DataError
+from vprompt.methods.base import PromptedModel
+
+Split = Literal["train", "val", "test"]
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+
+def load_task_model(task_dir: str | Path, device: str = "auto") -> PromptedModel:
+    """Load a task with its backbone (random-init specs rebuilt reproducibly), in eval mode."""
+    from vprompt.engine.run import load_backbone_reproducibly
+    from vprompt.tasks import load_task, read_task_info
+
+    info = read_task_info(task_dir)
+    backbone = load_backbone_reproducibly(info.backbone_spec, img_size=info.img_size)
+    model = load_task(task_dir, backbone=backbone)
+    return model.to(pick_device(device)).eval()
+
+
+def default_eval_dir(task_dir: Path, split: str) -> Path:
+    """``RUN_DIR/eval-<split>`` for a run's ``task/``, else ``<task_dir>-eval-<split>`` beside it."""
+    task_dir = task_dir.resolve()
+    if (task_dir.parent / "config.yaml").is_file():
+        return task_dir.parent / f"eval-{split}"
+    return task_dir.parent / f"{task_dir.name}-eval-{split}"
+
+
+def evaluate_task(
+    task_dir: str | Path,
+    data: str,
+    split: Split = "test",
+    *,
+    out: str | Path | None = None,
+    size: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    workers: int = 0,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Top-1, top-5, loss, per-class accuracy and confusion matrix of a task on one split.
+
+    Writes ``metrics.json`` and ``confusion.png`` into ``out`` (see `default_eval_dir`).
+
+    Args:
+        task_dir: the task artifact folder.
+        data: dataset spec; its classes must be the task's.
+        split: which split to evaluate.
+        out: folder for the JSON and the PNG.
+        size: evaluate a stratified subsample of this many images.
+        batch_size: images per forward.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        workers: DataLoader workers.
+        seed: data seed (how val/test are carved from a pool and subsampled); by default the
+            seed the task was trained with, so a carved split is the same one as in training.
+    """
+    from vprompt.data import build_splits
+
+    model = load_task_model(task_dir, device)
+    info = model.backbone_info
+    if seed is None:
+        from vprompt.tasks import read_task_info
+
+        seed = int(read_task_info(task_dir).extra.get("config", {}).get("seed", 0))
+    splits = build_splits(
+        data,
+        data_config=info.data_config,
+        img_size=info.img_size,
+        seed=seed,
+        **{f"{split}_size": size},
+    )
+    dataset = splits.datasets().get(split)
+    if dataset is None:
+        raise DataError(f"{data} has no {split} split; choose one of {list(splits.datasets())}")
+    if list(splits.class_names) != list(model.class_names):
+        raise DataError(
+            f"the classes of {data} {splits.class_names[:5]}... differ from the task's "
+            f"{model.class_names[:5]}...; evaluate on data with the same classes"
+        )
+    dist = DistInfo(device=next(model.head.parameters()).device)
+    pred = predict_split(model, dataset, batch_size=batch_size, info=dist, workers=workers)
+    metrics = summarize(pred, list(model.class_names))
+    report = {"task": str(task_dir), "data": data, "split": split, **metrics}
+    out_dir = Path(out) if out is not None else default_eval_dir(Path(task_dir), split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_confusion_png(
+        metrics["confusion"],
+        list(model.class_names),
+        out_dir / "confusion.png",
+        title=f"{Path(task_dir).name} on {split} (top-1 {metrics['top1']:.3f})",
+    )
+    report["out"] = str(out_dir)
+    return report
+
+
+def expand_inputs(items: Iterable[str]) -> list[str]:
+    """Image paths from files, folders (searched recursively) and glob patterns, in order.
+
+    A name that matches nothing is kept as is, so it is reported as an error by `predict_images`.
+    """
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in item for c in "*?[") and not p.exists():
+            matches = sorted(glob.glob(item, recursive=True))
+            out += matches if matches else [item]
+        else:
+            out.append(item)
+    return out
+
+
+def _load_image(path: str, transform: Any) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return transform(img)
+    except FileNotFoundError:
+        raise DataError(f"no such file: {path}") from None
+    except Exception as e:  # PIL raises many types for bad files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+@torch.no_grad()
+def predict_images(
+    model: PromptedModel, paths: list[str], *, top_k: int = 5, batch_size: int = 32
+) -> Iterator[dict[str, Any]]:
+    """Top-k labels and probabilities per image, in input order.
+
+    A file that cannot be read yields ``{"path": ..., "error": ...}`` instead; the others are
+    still predicted.
+    """
+    from vprompt.data import build_transform
+
+    info = model.backbone_info
+    transform = build_transform(info.data_config, img_size=info.img_size, augment="none")
+    device = next(model.head.parameters()).device
+    k = max(1, min(top_k, model.num_classes))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        tensors: dict[int, torch.Tensor] = {}
+        errors: dict[int, str] = {}
+        for i, path in enumerate(chunk):
+            try:
+                tensors[i] = _load_image(path, transform)
+            except DataError as e:
+                errors[i] = str(e)
+        probs = {}
+        if tensors:
+            x = torch.stack(list(tensors.values())).to(device)
+            p = model(x).float().softmax(dim=-1).cpu()
+            probs = dict(zip(tensors, p, strict=True))
+        for i, path in enumerate(chunk):
+            if i in errors:
+                yield {"path": path, "error": errors[i]}
+                continue
+            values, idx = probs[i].topk(k)
+            ranked = [
+                {"label": model.class_names[j], "index": int(j), "prob": float(v)}
+                for v, j in zip(values.tolist(), idx.tolist(), strict=True)
+            ]
+            yield {
+                "path": path,
+                "label": ranked[0]["label"],
+                "prob": ranked[0]["prob"],
+                "top_k": ranked,
+            }

@@ -1,0 +1,166 @@
+"""The run directory: what a training run leaves for people and scripts.
+
+::
+
+    RUN_DIR/
+      config.yaml       every option, resolved (method options, specs, actual lr, steps)
+      metrics.jsonl     one JSON object per epoch
+      steps.jsonl       one JSON object per optimizer step (step, epoch, loss, lr)
+      curves.png        loss and accuracy against the epoch
+      summary.json      final val/test metrics, parameter report, task size, time
+      checkpoint.pt     resumable state (torch.load(weights_only=True))
+      checkpoint.json   where that checkpoint stands, in plain text
+      task/             the task artifact (task.json + task.safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vprompt.engine.checkpoint import CHECKPOINT, public_mode, save_checkpoint
+from vprompt.errors import ConfigError
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
+CURVES = "curves.png"
+SUMMARY = "summary.json"
+TASK = "task"
+RUN_MARKERS = (CONFIG, METRICS, CHECKPOINT, SUMMARY)
+
+
+def is_run_dir(path: Path) -> bool:
+    """True if ``path`` holds any file a training run writes."""
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    public_mode(tmp)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """Writes the files of one run (rank 0 only)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ lifecycle
+    def create(self, overwrite: bool = False) -> None:
+        """Make a fresh run directory; never replace one without ``overwrite``.
+
+        Raises:
+            ConfigError: the directory exists and is not empty (without ``overwrite``), or it
+                holds files that are not a run's (``overwrite`` only replaces run directories).
+        """
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--out {p} is a file; give a directory path")
+        if p.is_dir() and any(p.iterdir()):
+            if not overwrite:
+                raise ConfigError(
+                    f"run directory {p} already exists and is not empty; pass --overwrite to "
+                    f"replace it, or `vprompt train --resume {p}` to continue it"
+                )
+            if not is_run_dir(p):
+                raise ConfigError(
+                    f"{p} is not empty and is not a vprompt run directory (no {CONFIG}); "
+                    "--overwrite only replaces run directories, so choose another --out"
+                )
+            shutil.rmtree(p)
+        p.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, text: str) -> None:
+        write_text_atomic(self.path / CONFIG, text)
+
+    # ------------------------------------------------------------------ RunSink
+    def step(self, record: dict[str, Any]) -> None:
+        with open(self.path / STEPS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(history, self.path / CURVES)
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.path, state)
+
+    # ------------------------------------------------------------------ resume / end
+    def rewind(self, global_step: int, history: list[dict[str, Any]]) -> None:
+        """Drop records written after the checkpoint a resumed run continues from."""
+        write_text_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        steps = self.path / STEPS
+        if steps.exists():
+            kept = [
+                line
+                for line in steps.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= global_step
+            ]
+            write_text_atomic(steps, "".join(line + "\n" for line in kept))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_text_atomic(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    @property
+    def task_dir(self) -> Path:
+        return self.path / TASK
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a ``.jsonl`` file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss, and train/val top-1, against the epoch (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    _plot(ax_loss, history, "train_loss", "train loss")
+    _plot(ax_loss, history, "val_loss", "val loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
+    _plot(ax_acc, history, "train_top1", "train top-1")
+    _plot(ax_acc, history, "val_top1", "val top-1")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    public_mode(tmp)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _plot(ax: Any, history: list[dict[str, Any]], key: str, label: str) -> None:
+    """One curve, skipping epochs without the value (validation every N epochs)."""
+    points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=label)

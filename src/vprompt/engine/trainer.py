@@ -1,0 +1,647 @@
+"""`fit`: the training loop with validation, checkpoints, resume, NaN stop, Ctrl-C and DDP.
+
+The loop trains one module: the whole `PromptedModel`, or only its head on cached features for
+linear probing (`vprompt.engine.features`). Everything it needs to continue exactly is in the
+checkpoint; `RunFiles` (optional) receives the per-step and per-epoch records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vprompt.engine.checkpoint import all_finite, rng_state, set_rng_state
+from vprompt.engine.config import TrainConfig
+from vprompt.engine.distributed import (
+    DistInfo,
+    GlobalBatchNorm1d,
+    all_reduce_sum,
+    broadcast_tensors,
+    globalize_batchnorm,
+    pick_device,
+)
+from vprompt.engine.evaluate import autocast, predict_split, summarize
+from vprompt.engine.features import head_inputs, use_feature_cache
+from vprompt.engine.optim import WarmupCosine, build_optimizer
+from vprompt.engine.progress import Reporter
+from vprompt.engine.sampling import EpochBatches, SeededItems, steps_per_epoch
+from vprompt.errors import ConfigError, TrainingError
+from vprompt.methods.base import PromptedModel
+
+STEP_DELAY_ENV = "VPROMPT_DEBUG_STEP_DELAY"
+"""Seconds to sleep after every optimizer step: a testing aid to kill a run at a known point."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped training after a checkpoint was saved."""
+
+
+class RunSink(Protocol):
+    """Where the loop reports records and checkpoints (a run directory, or nothing)."""
+
+    def step(self, record: dict[str, Any]) -> None: ...
+    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None: ...
+    def checkpoint(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """Position of the loop and the running statistics of the epoch in progress."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    best_epoch: int = 0
+    best_val: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopState:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def start_epoch(self) -> None:
+        self.step_in_epoch, self.loss_sum, self.correct, self.seen, self.seconds = 0, 0.0, 0, 0, 0.0
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+        history: one record per epoch (as in ``metrics.jsonl``).
+        selected_epoch: the epoch whose weights the model holds (1-based).
+        best_epoch: epoch with the best validation top-1 (0 without validation).
+        val: validation metrics of the selected weights (None without a val split).
+        test: test metrics of the selected weights (None without a test split).
+        feature_cache: linear probing ran on cached features.
+        train_seconds: time spent in training epochs (this session, plus before a resume).
+        steps: optimizer steps taken.
+        resolved: derived settings (actual lr, warm-up steps...).
+    """
+
+    history: list[dict[str, Any]]
+    selected_epoch: int
+    best_epoch: int
+    val: dict[str, Any] | None
+    test: dict[str, Any] | None
+    feature_cache: bool
+    train_seconds: float
+    steps: int
+    resolved: dict[str, Any]
+
+
+@dataclass
+class Stage:
+    """The module that trains and the datasets it reads (images, or cached features)."""
+
+    module: nn.Module
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    cached: bool
+
+
+# ---------------------------------------------------------------------------------- set-up
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolved_schedule(cfg: TrainConfig, n_train: int, world: int = 1) -> dict[str, Any]:
+    """Derived numbers stored in ``config.yaml``: actual lr, steps, warm-up steps."""
+    spe = steps_per_epoch(n_train, cfg.batch_size, world)
+    if spe == 0:
+        raise ConfigError(
+            f"the training split has {n_train} images, fewer than one batch can use; lower "
+            "--batch-size or give more training images"
+        )
+    assert cfg.epochs is not None and cfg.warmup_epochs is not None
+    return {
+        "lr": cfg.actual_lr,
+        "lr_scaled": cfg.scaled_lr,
+        "lr_rule": (
+            f"{cfg.lr} x {cfg.batch_size} / 256" if cfg.scaled_lr else f"{cfg.lr} (not scaled)"
+        ),
+        "steps_per_epoch": spe,
+        "total_steps": spe * cfg.epochs,
+        "warmup_steps": round(cfg.warmup_epochs * spe),
+        "train_images": n_train,
+    }
+
+
+def build_stage(
+    model: PromptedModel, splits: Any, cfg: TrainConfig, info: DistInfo, reporter: Reporter
+) -> Stage:
+    """Choose between full training and the linear-probe feature cache, and build the data."""
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    if not use_feature_cache(model, cfg.feature_cache, cfg.augment):
+        return Stage(model, splits.train, splits.val, splits.test, cached=False)
+    reporter.info("feature cache: nothing before the head trains; computing features once")
+
+    def cache(ds: Dataset | None, name: str) -> Dataset | None:
+        if ds is None:
+            return None
+        with reporter.bar(f"features {name}", len(ds)) as bar:  # type: ignore[arg-type]
+            return head_inputs(
+                model,
+                ds,
+                batch_size=eval_bs,
+                info=info,
+                precision=cfg.precision,
+                workers=cfg.workers,
+                progress=bar.advance,
+            )
+
+    return Stage(
+        model.head,
+        cache(splits.train, "train"),
+        cache(splits.val, "val"),
+        cache(splits.test, "test"),
+        cached=True,
+    )
+
+
+def prepare_method(
+    model: PromptedModel, train: Dataset, cfg: TrainConfig, info: DistInfo, reporter: Reporter
+) -> None:
+    """Data-dependent initialisation (SPT prototypes) on rank 0, then shared with every rank."""
+    if info.is_main:
+        loader = DataLoader(
+            train,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            shuffle=False,
+            num_workers=cfg.workers,
+        )
+        with torch.no_grad():
+            model.method.prepare(
+                model.backbone, loader, progress=reporter.enabled and not reporter.quiet
+            )
+    broadcast_tensors(list(model.method.state_dict().values()), info)
+
+
+def trainable_state(model: PromptedModel) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps: the task's tensors, plus backbone buffers in train mode."""
+    state = model.task_state_dict()
+    if model.method.backbone_train_mode:
+        for n, b in model.backbone.named_buffers():
+            state[f"backbone_buffer.{n}"] = b.detach().clone()
+    return state
+
+
+def load_trainable_state(model: PromptedModel, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `trainable_state`."""
+    buffers = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("backbone_buffer.")}
+    model.load_task_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("backbone_buffer.")}
+    )
+    if buffers:
+        own = dict(model.backbone.named_buffers())
+        with torch.no_grad():
+            for n, v in buffers.items():
+                own[n].copy_(v)
+
+
+# ---------------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Catch SIGINT and SIGTERM for the duration (main thread only)."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {s: signal.signal(s, flag.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Loop:
+    """Everything one training run holds while it runs."""
+
+    model: PromptedModel
+    stage: Stage
+    cfg: TrainConfig
+    info: DistInfo
+    reporter: Reporter
+    sink: RunSink | None
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    net: nn.Module
+    eval_net: nn.Module
+    class_names: list[str]
+    state: LoopState = field(default_factory=LoopState)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    stop: StopFlag = field(default_factory=StopFlag)
+    step_hook: Callable[[LoopState], None] | None = None
+    stop_agreed: bool = False
+    step_delay: float = field(
+        default_factory=lambda: float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    )
+
+    # -------------------------------------------------------------- checkpoint
+    def checkpoint_state(self, complete: bool = False) -> dict[str, Any]:
+        model_state = trainable_state(self.model)
+        if not all_finite(model_state):
+            raise TrainingError(
+                f"the weights became NaN/inf at epoch {self.state.epoch + 1}, step "
+                f"{self.state.global_step}; the last good checkpoint is kept. Lower --lr, set "
+                "--grad-clip 1.0, or use --precision fp32"
+            )
+        return {
+            "epoch": self.state.epoch,
+            "step_in_epoch": self.state.step_in_epoch,
+            "global_step": self.state.global_step,
+            "complete": complete,
+            "model": model_state,
+            "best_state": self.best_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "rng": rng_state(),
+            "loop": {k: v for k, v in self.state.to_dict().items()},
+            "world_size": self.info.world,
+        }
+
+    def save(self, complete: bool = False) -> None:
+        state = self.checkpoint_state(complete)
+        if self.sink is not None and self.info.is_main:
+            self.sink.checkpoint(state)
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        load_trainable_state(
+            self.model, {k: v.to(self.info.device) for k, v in ckpt["model"].items()}
+        )
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.state = LoopState.from_dict(ckpt["loop"])
+        self.best_state = dict(ckpt.get("best_state") or {})
+
+    # -------------------------------------------------------------- one step
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, global_n: int) -> tuple[float, float]:
+        """One optimizer step on this process's share of a global batch.
+
+        The loss is summed over the local images and scaled by ``world / global_n``, so DDP's
+        gradient average is the gradient of the mean loss over the global batch.
+
+        Returns:
+            The global mean loss and the learning rate used.
+        """
+        lr = self.schedule.apply()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.info.device, self.cfg.precision):
+            logits = self.net(x)
+        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        (loss_sum * (self.info.world / global_n)).backward()
+        correct = (logits.detach().argmax(-1) == y).sum()
+        stats = torch.stack(
+            [
+                loss_sum.detach().double(),
+                correct.double(),
+                torch.tensor(
+                    float(self.stop.requested), dtype=torch.float64, device=loss_sum.device
+                ),
+            ]
+        )
+        stats = all_reduce_sum(stats, self.info).cpu()
+        mean_loss = float(stats[0]) / global_n
+        if not math.isfinite(mean_loss):
+            raise TrainingError(self._nan_message(mean_loss, lr))
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.optimizer_params(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        st = self.state
+        st.loss_sum += float(stats[0])
+        st.correct += int(stats[1])
+        st.seen += global_n
+        st.step_in_epoch += 1
+        st.global_step += 1
+        self.stop_agreed = float(stats[2]) > 0
+        return mean_loss, lr
+
+    def optimizer_params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _nan_message(self, loss: float, lr: float) -> str:
+        st = self.state
+        hints = ["lower --lr (e.g. by 10x)", "set --grad-clip 1.0"]
+        if self.cfg.precision == "bf16":
+            hints.append("use --precision fp32")
+        if not self.model.config.head_norm:
+            hints.append("keep the head BatchNorm (--set head_norm=true)")
+        last = "the last good checkpoint is kept" if self.sink is not None else "nothing was saved"
+        return (
+            f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch + 1} of the epoch "
+            f"(global step {st.global_step + 1}, lr {lr:.3g}); training stopped and {last}. "
+            f"Try: {'; '.join(hints)}"
+        )
+
+    # -------------------------------------------------------------- one epoch
+    def loader(self, epoch: int, start_step: int) -> tuple[Iterable[Any], list[int]]:
+        """This process's batches of an epoch from ``start_step`` on, and the global batch sizes."""
+        n = len(self.stage.train)  # type: ignore[arg-type]
+        sampler = EpochBatches(
+            n,
+            self.cfg.batch_size,
+            self.cfg.seed,
+            epoch,
+            self.info.rank,
+            self.info.world,
+            start_step,
+        )
+        sizes = [len(b) for b in sampler.batches]
+        if isinstance(self.stage.train, TensorDataset):  # cached features: index the tensors
+            feats, labels = self.stage.train.tensors
+            batches = ([i for _, i in b] for b in sampler)
+            return ((feats[idx], labels[idx]) for idx in batches), sizes
+        data = SeededItems(self.stage.train, self.cfg.seed, random=self.cfg.augment != "none")
+        loader = DataLoader(
+            data,
+            batch_sampler=sampler,
+            num_workers=self.cfg.workers,
+            generator=torch.Generator(),  # keep the global RNG untouched by iterator creation
+        )
+        return loader, sizes
+
+    def run_epoch(self) -> None:
+        st = self.state
+        loader, sizes = self.loader(st.epoch, st.step_in_epoch)
+        self.stage.module.train()
+        with self.reporter.bar(f"epoch {st.epoch + 1}/{self.cfg.epochs}", sum(sizes)) as bar:
+            for (x, y), n in zip(loader, sizes, strict=True):
+                t0 = time.perf_counter()
+                loss, lr = self.train_step(x.to(self.info.device), y.to(self.info.device), n)
+                st.seconds += time.perf_counter() - t0
+                bar.advance(n, f"loss {loss:.4f}")
+                self._after_step(loss, lr)
+
+    def _after_step(self, loss: float, lr: float) -> None:
+        st = self.state
+        if self.sink is not None and self.info.is_main:
+            self.sink.step({"step": st.global_step, "epoch": st.epoch + 1, "loss": loss, "lr": lr})
+        if self.step_hook is not None:
+            self.step_hook(st)
+        if self.step_delay > 0:
+            time.sleep(self.step_delay)
+        if self.stop_agreed or (self.stop.requested and not self.info.enabled):
+            self.save()
+            raise TrainingInterrupted(
+                f"stopped by {self.stop.signal_name or 'a signal'} at epoch {st.epoch + 1}, "
+                f"step {st.global_step}; checkpoint saved"
+            )
+        every = self.cfg.ckpt_every_steps
+        if every and st.global_step % every == 0:
+            self.save()
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, ds: Dataset | None, name: str) -> dict[str, Any] | None:
+        if ds is None:
+            return None
+        self.stage.module.eval()
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        with self.reporter.bar(f"eval {name}", len(ds)) as bar:  # type: ignore[arg-type]
+            pred = predict_split(
+                self.eval_net,
+                ds,
+                batch_size=bs,
+                info=self.info,
+                precision=self.cfg.precision,
+                workers=0 if self.stage.cached else self.cfg.workers,
+                progress=bar.advance,
+            )
+        return summarize(pred, self.class_names)
+
+    def end_epoch(self) -> None:
+        st = self.state
+        epochs = int(self.cfg.epochs or 0)
+        due = (st.epoch + 1) % self.cfg.eval_every == 0 or st.epoch + 1 == epochs
+        val = self.evaluate(self.stage.val, "val") if due else None
+        record = {
+            "epoch": st.epoch + 1,
+            "step": st.global_step,
+            "train_loss": st.loss_sum / max(st.seen, 1),
+            "train_top1": st.correct / max(st.seen, 1),
+            "val_top1": val["top1"] if val else None,
+            "val_top5": val["top5"] if val else None,
+            "val_loss": val["loss"] if val else None,
+            "lr": self.schedule.lr_at(max(st.global_step - 1, 0)),
+            "images_per_s": st.seen / max(st.seconds, 1e-9),
+            "seconds": st.seconds,
+        }
+        if val is not None and val["top1"] is not None and val["top1"] > st.best_val:
+            st.best_val, st.best_epoch = val["top1"], st.epoch + 1
+            if self.cfg.select == "best-val":
+                self.best_state = {
+                    k: v.detach().cpu().clone() for k, v in trainable_state(self.model).items()
+                }
+        st.history.append(record)
+        self.reporter.info(epoch_line(record, self.cfg.epochs))
+        st.epoch += 1
+        st.start_epoch()
+        if self.sink is not None and self.info.is_main:
+            self.sink.epoch(record, st.history)
+        self.save(complete=st.epoch >= int(self.cfg.epochs or 0))
+
+
+def epoch_line(r: dict[str, Any], epochs: int | None) -> str:
+    """One-line epoch summary."""
+    val = f"  val {100 * r['val_top1']:.1f}%" if r.get("val_top1") is not None else ""
+    return (
+        f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  train {100 * r['train_top1']:.1f}%"
+        f"{val}  lr {r['lr']:.3g}  {r['images_per_s']:.1f} img/s  {r['seconds']:.1f}s"
+    )
+
+
+def wrap_for_training(
+    module: nn.Module, cfg: TrainConfig, info: DistInfo
+) -> tuple[nn.Module, nn.Module]:
+    """(training net, eval net): DDP across processes and/or ``torch.compile`` as asked."""
+    net: nn.Module = module
+    if info.enabled:
+        globalize_batchnorm(module)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        # Buffers stay in step by themselves (GlobalBatchNorm1d computes the same statistics on
+        # every rank), so DDP need not broadcast them before every forward.
+        net = DDP(module, device_ids=ids, **_no_buffer_sync())
+    eval_net = module
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+        eval_net = torch.compile(module)  # type: ignore[assignment]
+    return net, eval_net
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = inspect.signature(DDP.__init__).parameters
+    return (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in params
+        else {"broadcast_buffers": False}
+    )
+
+
+def restore_batchnorm(module: nn.Module) -> None:
+    """Undo `globalize_batchnorm` after training (same buffers, so nothing is lost)."""
+    for m in module.modules():
+        if type(m) is GlobalBatchNorm1d:
+            m.__class__ = nn.BatchNorm1d
+
+
+def fit(
+    model: PromptedModel,
+    splits: Any,
+    cfg: TrainConfig,
+    *,
+    sink: RunSink | None = None,
+    info: DistInfo | None = None,
+    reporter: Reporter | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    step_hook: Callable[[LoopState], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``splits.train``, validate every epoch, test at the end.
+
+    Args:
+        model: from `vprompt.attach` (its head and method freshly initialised, or restored).
+        splits: `vprompt.data.DataSplits` (``train``, ``val``, ``test``, ``class_names``).
+        cfg: a resolved `TrainConfig`.
+        sink: receives step and epoch records and checkpoints (a run directory).
+        info: process layout (a single process on ``cfg.device`` when None).
+        reporter: logging and progress bars.
+        checkpoint: a loaded checkpoint to continue from (resume).
+        step_hook: called after every optimizer step (tests use it to inject faults).
+
+    Returns:
+        The history and final metrics; the model holds the selected weights.
+
+    Raises:
+        TrainingError: a NaN/inf loss (the last good checkpoint is kept).
+        TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
+    """
+    info = info or DistInfo(device=pick_device(cfg.device))
+    reporter = reporter or Reporter(enabled=info.is_main)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model.to(info.device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if checkpoint is None:
+        seed_everything(cfg.seed)
+        prepare_method(model, splits.train, cfg, info, reporter)
+        seed_everything(cfg.seed)
+    stage = build_stage(model, splits, cfg, info, reporter)
+    resolved = resolved_schedule(cfg, len(stage.train), info.world)  # type: ignore[arg-type]
+    named = [(n, p) for n, p in model.named_trainable_parameters()]
+    optimizer = build_optimizer(named, model.no_weight_decay(), cfg)
+    schedule = WarmupCosine(
+        optimizer, cfg.actual_lr, resolved["total_steps"], resolved["warmup_steps"], cfg.min_lr
+    )
+    net, eval_net = wrap_for_training(stage.module, cfg, info)
+    loop = Loop(
+        model,
+        stage,
+        cfg,
+        info,
+        reporter,
+        sink,
+        optimizer,
+        schedule,
+        net,
+        eval_net,
+        list(splits.class_names),
+        step_hook=step_hook,
+    )
+    if checkpoint is not None:
+        loop.restore(checkpoint)
+        reporter.info(f"resumed at epoch {loop.state.epoch + 1}, step {loop.state.global_step}")
+    start = time.perf_counter()
+    try:
+        with stop_on_signals() as flag:
+            loop.stop = flag
+            while loop.state.epoch < int(cfg.epochs or 0):
+                loop.run_epoch()
+                loop.end_epoch()
+    finally:
+        restore_batchnorm(stage.module)
+    return finish(loop, resolved, time.perf_counter() - start)
+
+
+def finish(loop: Loop, resolved: dict[str, Any], seconds: float) -> FitResult:
+    """Select the weights (last or best-val), then measure val and test on them."""
+    st, cfg = loop.state, loop.cfg
+    selected = len(st.history)
+    if cfg.select == "best-val" and loop.best_state:
+        load_trainable_state(
+            loop.model, {k: v.to(loop.info.device) for k, v in loop.best_state.items()}
+        )
+        selected = st.best_epoch
+    elif cfg.select == "best-val":
+        loop.reporter.warn(
+            "select=best-val but there is no validation split; keeping the last epoch"
+        )
+    val = loop.evaluate(loop.stage.val, "val")
+    test = loop.evaluate(loop.stage.test, "test")
+    loop.model.eval()
+    train_seconds = sum(r["seconds"] for r in st.history)
+    return FitResult(
+        history=st.history,
+        selected_epoch=selected,
+        best_epoch=st.best_epoch,
+        val=val,
+        test=test,
+        feature_cache=loop.stage.cached,
+        train_seconds=train_seconds or seconds,
+        steps=st.global_step,
+        resolved=resolved,
+    )

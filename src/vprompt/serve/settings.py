@@ -1,0 +1,42 @@
+"""`ServeSettings`: batching and size limits of the HTTP service (no FastAPI import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vprompt.errors import ConfigError
+
+
+@dataclass
+class ServeSettings:
+    """Limits of the HTTP service.
+
+    Attributes:
+        max_batch: most images per forward pass.
+        max_wait_ms: longest wait for more images once a batch has its first one.
+        max_body_mb: largest request body, in MiB (larger: 413).
+        max_images: most images in one predict request.
+        max_queue: most images waiting for the worker (more: 503).
+        default_top_k: labels per image when the request does not say.
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_body_mb: float = 10.0
+    max_images: int = 256
+    max_queue: int = 1024
+    default_top_k: int = 5
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_images", "max_queue", "default_top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"serve: {name} must be an integer >= 1, got {value!r}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"serve: max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_body_mb <= 0:
+            raise ConfigError(f"serve: max_body_mb must be > 0, got {self.max_body_mb}")

@@ -1,0 +1,254 @@
+"""Where trials run: this process, a small process pool, or Ray Tune (a local instance or a
+cluster). Every backend runs the same jobs and hands each result back to the driver as soon as
+it is ready, so the driver can record it in the study before the next one finishes.
+"""
+
+from __future__ import annotations
+
+import base64
+import multiprocessing
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from vprompt.errors import ConfigError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BackendName = Literal["local", "ray"]
+BACKENDS: tuple[str, ...] = ("local", "ray")
+
+
+class Backend(Protocol):
+    """Runs ``fn`` on every item; calls ``on_result(item, result)`` in the driver per result.
+
+    A backend may keep workers alive between calls (warm caches); `close` releases them.
+    """
+
+    workers: int
+
+    def map(
+        self, fn: Callable[[T], R], items: Sequence[T], on_result: Callable[[T, R], None]
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of ``workers`` processes on this machine (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+# ---------------------------------------------------------------------------------- local
+
+
+@dataclass
+class LocalBackend:
+    """Run jobs in this process one after the other, or in ``workers`` spawned processes.
+
+    Attributes:
+        workers: 1 runs in this process; more starts a process pool of that size.
+    """
+
+    workers: int = 1
+    _pool: ProcessPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def map(
+        self, fn: Callable[[T], R], items: Sequence[T], on_result: Callable[[T, R], None]
+    ) -> None:
+        if self.workers == 1:
+            for item in items:
+                on_result(item, fn(item))
+            return
+        self._pool_map(fn, items, on_result)
+
+    def _pool_map(
+        self, fn: Callable[[T], R], items: Sequence[T], on_result: Callable[[T, R], None]
+    ) -> None:
+        if self._pool is None:  # kept between calls: workers keep their loaded backbone
+            ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(threads_per_worker(self.workers),),
+            )
+        pending = {self._pool.submit(fn, item): item for item in items}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                item = pending.pop(future)
+                error = future.exception()
+                if error is not None:
+                    for other in pending:
+                        other.cancel()
+                    self.close()
+                    raise error
+                on_result(item, future.result())
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------------- ray
+
+
+@dataclass
+class RayBackend:
+    """Run each job as a Ray Tune trial, on a local Ray instance or the cluster at ``address``.
+
+    Attributes:
+        workers: trials running at once.
+        address: a Ray cluster (``auto``, ``ray://host:10001``); None starts a local instance.
+        cpus_per_trial: CPUs Ray reserves per trial (default: this machine's CPUs / workers).
+        storage_path: where Ray Tune keeps its experiment records (an absolute path or URI).
+    """
+
+    workers: int = 1
+    address: str | None = None
+    cpus_per_trial: float | None = None
+    storage_path: str | None = None
+    _round: int = field(default=0, init=False, repr=False)
+    _started: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        import_ray()
+
+    def __enter__(self) -> RayBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def map(
+        self, fn: Callable[[T], R], items: Sequence[T], on_result: Callable[[T, R], None]
+    ) -> None:
+        if not items:
+            return
+        ray, tune = import_ray()
+        if not ray.is_initialized():
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            self._started = True
+        cpus = self.cpus_per_trial or float(threads_per_worker(self.workers))
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _ray_trainable, fn=fn, items=list(items), threads=max(1, int(cpus))
+            ),
+            {"cpu": cpus},
+        )
+        self._round += 1
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"index": tune.grid_search(list(range(len(items))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.workers),
+            run_config=tune.RunConfig(
+                name=f"vprompt-{os.getpid()}-{self._round}",
+                storage_path=self.storage_path,
+                verbose=0,
+                callbacks=[_Collect(items, on_result)],
+            ),
+        )
+        results = tuner.fit()
+        if results.errors:
+            raise RuntimeError(
+                f"{len(results.errors)} Ray trial(s) failed; first: {results.errors[0]}"
+            )
+
+    def close(self) -> None:
+        """Disconnect from Ray if this backend connected (a local instance stops with it)."""
+        ray, _ = import_ray()
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+        self._started = False
+
+
+def import_ray() -> tuple[Any, Any]:
+    """Import ray and ray.tune, or explain how to install them."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError as e:
+        raise ConfigError("--backend ray needs Ray Tune: pip install 'vprompt[ray]'") from e
+    return ray, tune
+
+
+def _ray_trainable(
+    config: dict[str, Any], fn: Callable[[Any], Any], items: list[Any], threads: int
+) -> None:
+    """A Ray Tune function trainable: run job ``items[index]`` and report its pickled result."""
+    from ray import tune
+
+    _init_worker(threads)
+    result = fn(items[int(config["index"])])
+    tune.report({"payload": base64.b64encode(pickle.dumps(result)).decode("ascii"), "done": 1})
+
+
+def _Collect(items: Sequence[Any], on_result: Callable[[Any, Any], None]) -> Any:
+    """A Tune callback (in the driver) that decodes each trial's result and passes it on."""
+    from ray import tune
+
+    class Collect(tune.Callback):
+        def on_trial_result(
+            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+        ) -> None:
+            payload = result.get("payload")
+            if payload is not None:
+                index = int(trial.config["index"])
+                on_result(items[index], pickle.loads(base64.b64decode(payload)))
+
+    return Collect()
+
+
+def make_backend(
+    name: str,
+    workers: int = 1,
+    *,
+    ray_address: str | None = None,
+    cpus_per_trial: float | None = None,
+    out: Path | None = None,
+) -> Backend:
+    """A backend from the command-line options.
+
+    Raises:
+        ConfigError: an unknown backend, bad worker count, or Ray missing.
+    """
+    if name == "local":
+        if ray_address is not None:
+            raise ConfigError("--ray-address needs --backend ray")
+        return LocalBackend(workers)
+    if name == "ray":
+        path = str((out / "ray").resolve()) if out is not None else None
+        return RayBackend(workers, ray_address, cpus_per_trial, path)
+    raise ConfigError(f"--backend {name!r} is not one of {list(BACKENDS)}")

@@ -1,0 +1,282 @@
+"""What a sweep asks of the training engine: advance a search trial, or run a final seed.
+
+A *search trial* trains on the train split and is scored on val; the test split is removed from
+its data before the model sees any of it. It trains from its last checkpoint (in its trial
+directory) up to a target epoch and stops there, so successive halving can pause a trial at a
+rung and continue it exactly later, and a killed sweep continues where it stopped.
+
+A *final run* is an ordinary `vprompt.engine.train_run` on train + val (``merge_train_val``),
+which writes a run directory with the task artifact and the test metrics.
+
+`TrialRunner` is the interface; `EngineRunner` implements it with the engine. Tests inject
+scripted runners.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vprompt.errors import ConfigError
+
+RESULT_FILE = "summary.json"
+
+
+@dataclass
+class TrialProgress:
+    """Where a search trial stands after a unit of work.
+
+    Attributes:
+        val: validation top-1 after each epoch trained so far (epoch 1 first).
+        records: the engine's per-epoch records (loss, val, seconds...), same length as ``val``.
+        epochs_run: epochs trained by this unit (0 when the checkpoint was already there).
+        diverged: the engine's message when training stopped on a NaN/inf loss.
+        seconds: wall time of the unit.
+    """
+
+    val: list[float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    epochs_run: int = 0
+    diverged: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the trial has completed."""
+        return len(self.val)
+
+
+@dataclass
+class FinalRun:
+    """One final seed: trained on train + val, measured on test."""
+
+    seed: int
+    test_top1: float
+    run_dir: str
+    task_dir: str
+    seconds: float = 0.0
+
+
+class TrialRunner(Protocol):
+    """Trains what the sweep asks for. Must be picklable for the process-pool and Ray backends."""
+
+    def advance(self, values: dict[str, Any], target_epoch: int, trial_dir: Path) -> TrialProgress:
+        """Train a search trial (options ``values``) from its checkpoint up to ``target_epoch``."""
+        ...
+
+    def final(self, values: dict[str, Any], run_dir: Path) -> FinalRun:
+        """Train a final run (options ``values``, ``merge_train_val`` set) into ``run_dir``."""
+        ...
+
+
+# ------------------------------------------------------------------------------ the engine
+
+
+class _ReachedTarget(Exception):
+    """Raised by `_TrialSink` once the target epoch's checkpoint is on disk."""
+
+
+@dataclass
+class _TrialSink:
+    """The engine's `RunSink` for a search trial: checkpoint every epoch, stop at the target."""
+
+    trial_dir: Path
+    target_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, record: dict[str, Any]) -> None:
+        """Per-step records are not kept for search trials."""
+
+    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        self.history = [dict(r) for r in history]
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        from vprompt.engine.checkpoint import save_checkpoint
+
+        save_checkpoint(self.trial_dir, state)
+        if state["step_in_epoch"] == 0 and state["epoch"] >= self.target_epoch:
+            raise _ReachedTarget
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_backbone(spec: str, img_size: int | None) -> Any:
+    from vprompt.engine import load_backbone_reproducibly
+
+    return load_backbone_reproducibly(spec, img_size)
+
+
+def _fresh_backbone(spec: str, img_size: int | None) -> Any:
+    """A private copy of the (cached) backbone: some methods train its weights."""
+    return copy.deepcopy(_cached_backbone(spec, img_size))
+
+
+def _progress(
+    records: list[dict[str, Any]], epochs_run: int, seconds: float, diverged: str | None = None
+) -> TrialProgress:
+    val = [float(r["val_top1"]) if r.get("val_top1") is not None else math.nan for r in records]
+    return TrialProgress(val, records, epochs_run, diverged, seconds)
+
+
+@dataclass
+class EngineRunner:
+    """`TrialRunner` on `vprompt.engine`: search trials through `fit`, finals via `train_run`.
+
+    Attributes:
+        threads: torch threads for this process (None: leave torch's setting).
+    """
+
+    threads: int | None = None
+
+    def _setup(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+    def advance(self, values: dict[str, Any], target_epoch: int, trial_dir: Path) -> TrialProgress:
+        """See `TrialRunner.advance`; a NaN/inf loss ends the trial as diverged."""
+        import time
+
+        from vprompt.engine.checkpoint import CHECKPOINT, load_checkpoint
+
+        self._setup()
+        start = time.perf_counter()
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = load_checkpoint(trial_dir) if (trial_dir / CHECKPOINT).is_file() else None
+        done = list(ckpt["loop"]["history"]) if ckpt else []
+        if len(done) >= target_epoch:
+            return _progress(done[:target_epoch], 0, 0.0)
+        sink = _TrialSink(trial_dir, target_epoch, done)
+        diverged = _train_search_trial(values, sink, ckpt)
+        records = sink.history
+        return _progress(records, len(records) - len(done), time.perf_counter() - start, diverged)
+
+    def final(self, values: dict[str, Any], run_dir: Path) -> FinalRun:
+        """See `TrialRunner.final`: a finished run directory with the same options is reused,
+        an interrupted one continues from its checkpoint."""
+        import time
+
+        from vprompt.engine import resolve_config, resume_run, train_run
+        from vprompt.engine.checkpoint import CHECKPOINT
+
+        self._setup()
+        start = time.perf_counter()
+        cfg = resolve_config(values)
+        same = _same_run(run_dir, cfg.to_dict())
+        done = _finished_final(run_dir) if same else None
+        if done is not None:
+            return done
+        if same and (run_dir / CHECKPOINT).is_file():
+            result = resume_run(run_dir, quiet=True)
+        else:
+            backbone = _fresh_backbone(cfg.backbone, cfg.img_size)
+            result = train_run(cfg, run_dir, overwrite=True, quiet=True, backbone=backbone)
+        test = result.summary.get("test") or {}
+        return FinalRun(
+            cfg.seed,
+            float(test.get("top1", math.nan)),
+            str(result.run_dir),
+            str(result.summary.get("task_dir", "")),
+            time.perf_counter() - start,
+        )
+
+
+def _train_search_trial(
+    values: dict[str, Any], sink: _TrialSink, ckpt: dict[str, Any] | None
+) -> str | None:
+    """Train on train (test removed, val required) until the sink stops at its target epoch.
+
+    Returns:
+        None, or the engine's message if the loss became NaN/inf (the trial diverged).
+    """
+    from vprompt.engine import fit, resolve_config
+    from vprompt.engine.progress import Reporter
+    from vprompt.engine.run import build_data, build_model
+    from vprompt.engine.trainer import TrainingInterrupted
+    from vprompt.errors import TrainingError
+
+    cfg = resolve_config(values)
+    backbone = _fresh_backbone(cfg.backbone, cfg.img_size)
+    splits = dataclasses.replace(build_data(cfg, backbone), test=None)  # never see test
+    if splits.val is None:
+        raise ConfigError(
+            f"a sweep scores trials on the validation split, but {cfg.data!r} has none; "
+            "drop ?val=0 from the data spec"
+        )
+    model = build_model(cfg, backbone, splits)
+    quiet = Reporter(quiet=True, enabled=False)
+    try:
+        fit(model, splits, cfg, sink=sink, reporter=quiet, checkpoint=ckpt)
+    except _ReachedTarget:
+        return None
+    except TrainingInterrupted:
+        raise
+    except TrainingError as e:
+        return str(e)
+    return None
+
+
+_COMPARED = (
+    "backbone",
+    "data",
+    "method",
+    "lr",
+    "wd",
+    "seed",
+    "epochs",
+    "batch_size",
+    "merge_train_val",
+    "train_size",
+    "val_size",
+    "test_size",
+    "optimizer",
+    "augment",
+    "warmup_epochs",
+    "precision",
+)
+
+
+def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
+    """Whether ``run_dir`` holds a run (finished or not) of the same options."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return False
+    try:
+        have = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(have, dict) and all(have.get(k) == wanted.get(k) for k in _COMPARED)
+
+
+def _finished_final(run_dir: Path) -> FinalRun | None:
+    """The result of the complete run in ``run_dir`` (None if it has not finished)."""
+    try:
+        done = json.loads((run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    test = done.get("test") or {}
+    if test.get("top1") is None:
+        return None
+    seed = int(_config_value(run_dir, "seed"))
+    return FinalRun(seed, float(test["top1"]), str(run_dir), str(done.get("task_dir", "")), 0.0)
+
+
+def _config_value(run_dir: Path, key: str) -> Any:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())[key]
+
+
+def remove_checkpoint(trial_dir: Path) -> None:
+    """Delete a finished trial's checkpoint (the records stay in the study)."""
+    if trial_dir.is_dir():
+        shutil.rmtree(trial_dir, ignore_errors=True)

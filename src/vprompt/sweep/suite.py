@@ -1,0 +1,286 @@
+"""`run_suite`: many datasets (and methods) through the tuning protocol, tabled as the VTAB
+papers do: test top-1 per dataset, the mean of each group (natural / specialized / structured)
+and the mean over all datasets.
+
+A suite file is YAML::
+
+    root: /data/vtab-1k            # optional: bare names below mean vtab:ROOT/NAME
+    groups:
+      natural: [cifar100, caltech101, dtd]
+      specialized: [eurosat, "resisc: vtab:/elsewhere/resisc45"]
+      structured:
+        - clevr_count
+        - {dmlab: folder:/data/dmlab}
+
+Entries are data specs, bare names (with ``root``), or ``{name: spec}`` mappings. A file with a
+plain ``datasets: [...]`` list (or ``--data`` flags) makes one group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vprompt.errors import ConfigError
+from vprompt.sweep.protocol import SweepResult, run_sweep
+from vprompt.sweep.spec import SweepSpec
+
+DEFAULT_GROUP = "all"
+SUITE_MD, SUITE_JSON = "suite.md", "suite.json"
+
+
+@dataclass(frozen=True)
+class SuiteDataset:
+    """One dataset of a suite."""
+
+    name: str
+    spec: str
+    group: str
+
+
+def dataset_name(spec: str) -> str:
+    """A short name from a data spec: the last path component or the builtin name."""
+    target = spec.split(":", 1)[-1].split("?", 1)[0].rstrip("/")
+    name = target.rsplit("/", 1)[-1] or spec
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _entry(item: Any, root: str | None, where: str) -> tuple[str, str]:
+    if isinstance(item, dict) and len(item) == 1:
+        ((name, spec),) = item.items()
+        return str(name), _spec(str(spec), root)
+    if isinstance(item, str):
+        text = item.strip()
+        if ":" in text and not _is_spec(text):
+            name, spec = text.split(":", 1)
+            return name.strip(), _spec(spec.strip(), root)
+        spec = _spec(text, root)
+        return dataset_name(spec), spec
+    raise ConfigError(f"{where}: entry {item!r} is not a data spec, a name or a {{name: spec}}")
+
+
+def _is_spec(text: str) -> bool:
+    from vprompt.data import SPEC_KINDS
+
+    return text.split(":", 1)[0] in SPEC_KINDS
+
+
+def _spec(text: str, root: str | None) -> str:
+    if _is_spec(text):
+        return text
+    if root is None:
+        raise ConfigError(
+            f"suite entry {text!r} is not a data spec (KIND:TARGET); give one, or "
+            "set 'root:' to mean vtab:ROOT/NAME"
+        )
+    return f"vtab:{Path(root) / text}"
+
+
+def datasets_from_specs(specs: list[str]) -> list[SuiteDataset]:
+    """One group of datasets from ``--data`` values."""
+    return _unique([SuiteDataset(dataset_name(s), s, DEFAULT_GROUP) for s in specs])
+
+
+def load_suite_file(path: str | Path) -> list[SuiteDataset]:
+    """Read a suite YAML file (see the module docstring).
+
+    Raises:
+        ConfigError: a missing file, bad YAML or an entry that is not a dataset.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"suite file {p} does not exist")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"suite file {p} is not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"suite file {p} must be a mapping with 'groups:' or 'datasets:'")
+    root = doc.get("root")
+    if "groups" in doc:
+        groups = doc["groups"]
+    elif "datasets" in doc:
+        groups = {DEFAULT_GROUP: doc["datasets"]}
+    else:
+        groups = {k: v for k, v in doc.items() if k != "root"}
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"suite file {p}: 'groups' must map group names to lists of datasets")
+    out = []
+    for group, items in groups.items():
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"suite file {p}: group {group!r} must be a non-empty list")
+        for item in items:
+            name, spec = _entry(item, root, f"suite file {p}, group {group!r}")
+            out.append(SuiteDataset(name, spec, str(group)))
+    return _unique(out)
+
+
+def _unique(datasets: list[SuiteDataset]) -> list[SuiteDataset]:
+    seen: dict[str, int] = {}
+    out = []
+    for d in datasets:
+        n = seen.get(d.name, 0)
+        seen[d.name] = n + 1
+        out.append(d if n == 0 else SuiteDataset(f"{d.name}-{n + 1}", d.spec, d.group))
+    return out
+
+
+@dataclass
+class SuiteResult:
+    """Per method and dataset, the sweep's result."""
+
+    datasets: list[SuiteDataset]
+    methods: list[str]
+    results: dict[tuple[str, str], SweepResult] = field(default_factory=dict)
+    out: Path = Path(".")
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(d.group for d in self.datasets))
+
+    def cell(self, method: str, dataset: str) -> float:
+        r = self.results.get((method, dataset))
+        return r.test_mean if r is not None else math.nan
+
+    def group_mean(self, method: str, group: str) -> float:
+        vals = [self.cell(method, d.name) for d in self.datasets if d.group == group]
+        return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
+
+    def overall_mean(self, method: str) -> float:
+        vals = [self.cell(method, d.name) for d in self.datasets]
+        return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able table: per method, per dataset and per group."""
+        rows = {}
+        for m in self.methods:
+            per = {}
+            for d in self.datasets:
+                r = self.results.get((m, d.name))
+                per[d.name] = (
+                    None
+                    if r is None
+                    else {
+                        "group": d.group,
+                        "data": d.spec,
+                        "test_mean": r.test_mean,
+                        "test_std": r.test_std,
+                        "seeds": len(r.finals),
+                        "lr": r.choice.lr,
+                        "wd": r.choice.wd,
+                        "val_top1": r.choice_val,
+                        "trial_epochs": r.trial_epochs,
+                        "grid_trial_epochs": r.grid_trial_epochs,
+                        "out": str(r.out),
+                    }
+                )
+            rows[m] = {
+                "datasets": per,
+                "groups": {g: self.group_mean(m, g) for g in self.groups},
+                "mean": self.overall_mean(m),
+            }
+        return {
+            "groups": {g: [d.name for d in self.datasets if d.group == g] for g in self.groups},
+            "methods": rows,
+            "metric": "test top-1 (mean over final seeds)",
+        }
+
+    def markdown(self) -> str:
+        """The papers' layout: datasets grouped, each group followed by its mean; then details."""
+        head, align = ["Method"], ["---"]
+        for g in self.groups:
+            names = [d.name for d in self.datasets if d.group == g]
+            head += names + ([f"{g} mean"] if len(self.groups) > 1 else [])
+            align += ["---:"] * (len(names) + (len(self.groups) > 1))
+        head.append("Mean")
+        align.append("---:")
+        lines = [
+            "# Suite results (test top-1, %)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join(align) + "|",
+        ]
+        for m in self.methods:
+            cells = [m]
+            for g in self.groups:
+                cells += [_p1(self.cell(m, d.name)) for d in self.datasets if d.group == g]
+                if len(self.groups) > 1:
+                    cells.append(f"**{_p1(self.group_mean(m, g))}**")
+            cells.append(f"**{_p1(self.overall_mean(m))}**")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Mean = mean over datasets; group mean = mean over the group's datasets.",
+            "",
+            "| method | dataset | group | lr | wd | val top-1 | test top-1 (mean ± std) "
+            "| seeds | search trial-epochs |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (m, name), r in self.results.items():
+            group = next(d.group for d in self.datasets if d.name == name)
+            lines.append(
+                f"| {m} | {name} | {group} | {r.choice.lr:g} | {r.choice.wd:g} | "
+                f"{_p2(r.choice_val)} | {_p2(r.test_mean)} ± {_p2(r.test_std)} | "
+                f"{len(r.finals)} | {r.trial_epochs}/{r.grid_trial_epochs} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        """``suite.md`` and ``suite.json`` in ``out``."""
+        (self.out / SUITE_MD).write_text(self.markdown())
+        (self.out / SUITE_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _p1(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def _p2(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def run_suite(
+    datasets: list[SuiteDataset],
+    methods: list[str],
+    make_spec: Callable[[str, str], SweepSpec],
+    out: str | Path,
+    *,
+    log: Callable[[str], None] | None = None,
+    **sweep_kwargs: Any,
+) -> SuiteResult:
+    """Sweep every (method, dataset) into ``out/METHOD/DATASET`` and table the results.
+
+    Args:
+        datasets: from `load_suite_file` or `datasets_from_specs`.
+        methods: method names (rows of the table).
+        make_spec: builds the sweep of (method, data spec).
+        out: output directory; ``suite.md`` / ``suite.json`` go there.
+        log: receives progress lines.
+        **sweep_kwargs: passed to `run_sweep` (backend, runner, storage...).
+    """
+    if not datasets:
+        raise ConfigError(
+            "the suite has no datasets: give --data SPEC (repeatable) or --suite FILE"
+        )
+    if not methods:
+        raise ConfigError("the suite has no method: give --method NAME[,NAME...]")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda _m: None)
+    suite = SuiteResult(datasets, methods, out=out)
+    for m in methods:
+        for d in datasets:
+            log(f"== {m} on {d.name} ({d.group}): {d.spec}")
+            r = run_sweep(make_spec(m, d.spec), out / m / d.name, log=log, **sweep_kwargs)
+            suite.results[(m, d.name)] = r
+            log(r.summary_line())
+            suite.write()
+    return suite

@@ -1,0 +1,323 @@
+"""``vprompt train``, ``eval`` and ``predict`` end to end on a tiny ViT and a tiny PNG folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import subprocess_env
+from vprompt.cli import app
+from vprompt.engine.rundir import read_jsonl
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def train_args(backbone: str, data: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--backbone",
+        backbone,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_train_eval_predict(
+    tiny_vit_spec: str, tiny_data_spec: str, tiny_image_folder: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    r = invoke(
+        *train_args(
+            tiny_vit_spec,
+            tiny_data_spec,
+            run,
+            "--method",
+            "vpt-deep",
+            "--epochs",
+            "2",
+            "--prompt-len",
+            "3",
+            "--set",
+            "init=normal",
+        )
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("done: val top-1")
+    assert "lr 0.003125 = base 0.1 x batch 8 / 256" in r.stderr
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "curves.png",
+        "summary.json",
+        "checkpoint.pt",
+        "task/task.json",
+        "task/task.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["method_options"]["prompt_len"] == 3 and cfg["method_options"]["init"] == "normal"
+    assert cfg["resolved"]["lr"] == pytest.approx(0.1 * 8 / 256) and cfg["epochs"] == 2
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert {"train_loss", "val_top1", "lr", "images_per_s", "seconds"} <= set(metrics[0])
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["n"] == 12 and summary["task_size_bytes"] > 0
+
+    r = invoke(
+        "eval",
+        run / "task",
+        "--data",
+        tiny_data_spec,
+        "--split",
+        "test",
+        "--json",
+        "--out",
+        tmp_path / "ev",
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["n"] == 12 and report["top1"] == pytest.approx(summary["test"]["top1"])
+    assert set(report["per_class"]) == {"red", "green", "blue"}
+    assert (tmp_path / "ev" / "confusion.png").is_file()
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    r = invoke(
+        "predict",
+        run / "task",
+        tiny_image_folder / "test" / "red",
+        bad,
+        str(tiny_image_folder / "test" / "blue" / "*_000.png"),
+        "--top-k",
+        "2",
+    )
+    assert r.exit_code == 1
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == 4 + 1 + 1
+    assert "cannot read image" in lines[4]["error"] and lines[4]["path"] == str(bad)
+    good = [x for x in lines if "error" not in x]
+    assert all(len(x["top_k"]) == 2 and 0 <= x["prob"] <= 1 for x in good)
+
+
+def test_linear_probe_uses_feature_cache(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    r = invoke(
+        *train_args(
+            tiny_vit_spec, tiny_data_spec, tmp_path / "lin", "--method", "linear", "--epochs", "3"
+        )
+    )
+    assert r.exit_code == 0, r.output
+    assert "feature cache" in r.stderr
+    summary = json.loads((tmp_path / "lin" / "summary.json").read_text())
+    assert summary["feature_cache"] is True and summary["test"]["top1"] > 0.5
+
+
+def test_existing_run_dir_needs_overwrite(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    args = train_args(
+        tiny_vit_spec,
+        tiny_data_spec,
+        tmp_path / "run",
+        "--method",
+        "linear",
+        "--epochs",
+        "1",
+        "--quiet",
+    )
+    assert invoke(*args).exit_code == 0
+    before = (tmp_path / "run" / "summary.json").read_text()
+    r = invoke(*args)
+    assert r.exit_code == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+    assert invoke(*args, "--overwrite").exit_code == 0
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    r = invoke(
+        *train_args(tiny_vit_spec, tiny_data_spec, other, "--method", "linear", "--overwrite")
+    )
+    assert r.exit_code == 2 and "not a vprompt run directory" in r.stderr
+    assert (other / "thesis.tex").read_text() == "precious"
+
+
+def test_config_file_and_flag_precedence(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "backbone": tiny_vit_spec,
+                "data": tiny_data_spec,
+                "method": "vpt-shallow",
+                "epochs": 3,
+                "lr": 0.05,
+                "optimizer": "adamw",
+                "batch_size": 8,
+                "method_options": {"prompt_len": 2, "init": "normal"},
+            }
+        )
+    )
+    r = invoke(
+        "train",
+        "--config",
+        conf,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--set",
+        "prompt_len=4",
+        "--quiet",
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""  # --quiet: only the result line, on stdout
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["epochs"] == 1 and cfg["lr"] == 0.05 and cfg["optimizer"] == "adamw"
+    assert cfg["method_options"]["prompt_len"] == 4 and cfg["method_options"]["init"] == "normal"
+    assert cfg["resolved"]["lr"] == 0.05 and not cfg["resolved"]["lr_scaled"]
+
+
+def test_clear_errors(tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path) -> None:
+    r = invoke(*train_args(tiny_vit_spec, tiny_data_spec, tmp_path / "a", "--method", "nope"))
+    assert r.exit_code == 2 and "unknown method 'nope'" in r.stderr
+    r = invoke(
+        *train_args(
+            tiny_vit_spec,
+            tiny_data_spec,
+            tmp_path / "b",
+            "--method",
+            "vpt-deep",
+            "--set",
+            "prompt_length=3",
+        )
+    )
+    assert r.exit_code == 2 and "prompt_length" in r.stderr
+    r = invoke("train", "--resume", tmp_path / "missing")
+    assert r.exit_code == 2 and "not a run directory" in r.stderr
+
+
+def _prompts(run: Path) -> torch.Tensor:
+    return load_file(str(run / "task" / "task.safetensors"))["method.prompts"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    common = [
+        "--method",
+        "vpt-deep",
+        "--epochs",
+        "3",
+        "--augment",
+        "flip-crop",
+        "--deterministic",
+        "--quiet",
+        "--ckpt-every-steps",
+        "2",
+    ]
+    ref = tmp_path / "ref"
+    assert invoke(*train_args(tiny_vit_spec, tiny_data_spec, ref, *common)).exit_code == 0
+
+    cut = tmp_path / "cut"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vprompt",
+        *train_args(tiny_vit_spec, tiny_data_spec, cut, *common),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env(VPROMPT_DEBUG_STEP_DELAY="0.4"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    info = cut / "checkpoint.json"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:  # kill once a mid-epoch-2 step checkpoint exists
+            if info.exists():
+                pos = json.loads(info.read_text())
+                if pos["epoch"] == 1 and pos["step_in_epoch"] > 0:
+                    break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cut / "summary.json").exists()
+
+    r = invoke("train", "--resume", cut)
+    assert r.exit_code == 0, r.output
+    ref_m, cut_m = read_jsonl(ref / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
+    assert [m["epoch"] for m in cut_m] == [1, 2, 3]
+    for a, b in zip(ref_m, cut_m, strict=True):
+        for key in ("train_loss", "train_top1", "val_top1", "val_loss", "lr"):
+            assert math.isclose(a[key], b[key], abs_tol=1e-6), (key, a, b)
+    ref_s, cut_s = read_jsonl(ref / "steps.jsonl"), read_jsonl(cut / "steps.jsonl")
+    assert [s["step"] for s in cut_s] == list(range(1, 10))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref_s, cut_s, strict=True)) < 1e-6
+    assert torch.allclose(_prompts(ref), _prompts(cut), atol=1e-6)
+    ref_sum = json.loads((ref / "summary.json").read_text())
+    cut_sum = json.loads((cut / "summary.json").read_text())
+    assert ref_sum["test"]["top1"] == cut_sum["test"]["top1"]
+
+
+def test_resume_refuses_changed_options(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        invoke(
+            *train_args(
+                tiny_vit_spec, tiny_data_spec, run, "--method", "linear", "--epochs", "1", "--quiet"
+            )
+        ).exit_code
+        == 0
+    )
+    r = invoke("train", "--resume", run, "--lr", "0.5")
+    assert r.exit_code == 2 and "cannot change" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path: Path) -> None:
+    from vprompt.engine.run import load_backbone_reproducibly
+    from vprompt.errors import BackboneError
+
+    try:
+        load_backbone_reproducibly("zoo:dinov2-s", 56)
+    except BackboneError as e:
+        pytest.skip(f"offline zoo weights not installed: {e}")
+    r = invoke("demo", "--quick", "--quiet", "--out", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    assert "linear" in r.stdout and "vpt-deep" in r.stdout and "task size" in r.stdout
+    for name in ("linear", "vpt-deep"):
+        assert (tmp_path / "demo" / name / "task" / "task.json").is_file()

@@ -1,0 +1,327 @@
+"""The training engine on tiny models: config precedence, schedule, sampling, checkpoints,
+feature cache, NaN stop, Ctrl-C and resume (library level, in process)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import vprompt.methods  # noqa: F401  (registers the methods)
+from vprompt.engine import (
+    TrainConfig,
+    TrainingInterrupted,
+    fit,
+    resolve_config,
+    resume_run,
+    train_run,
+)
+from vprompt.engine.checkpoint import CHECKPOINT, load_checkpoint, rng_state, set_rng_state
+from vprompt.engine.config import (
+    METHOD_DEFAULTS,
+    default_warmup,
+    load_config_file,
+    merge_options,
+    parse_set_options,
+)
+from vprompt.engine.distributed import GlobalBatchNorm1d
+from vprompt.engine.evaluate import Predictions, summarize
+from vprompt.engine.optim import WarmupCosine, build_optimizer, param_groups
+from vprompt.engine.run import build_data, build_model, load_backbone_reproducibly
+from vprompt.engine.rundir import RunDir, read_jsonl
+from vprompt.engine.sampling import EpochBatches, global_batches, local_chunk, steps_per_epoch
+from vprompt.errors import ConfigError, TrainingError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def base_values(backbone: str, data: str, **kw: object) -> dict[str, object]:
+    values: dict[str, object] = {
+        "backbone": backbone,
+        "data": data,
+        "method": "vpt-deep",
+        "epochs": 2,
+        "batch_size": 8,
+        "device": "cpu",
+    }
+    values.update(kw)
+    return values
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_method_defaults_fill_and_user_values_win() -> None:
+    cfg = resolve_config({"backbone": "b", "data": "d", "method": "vpt-deep"})
+    d = METHOD_DEFAULTS["vpt-deep"]
+    assert (cfg.optimizer, cfg.lr, cfg.wd, cfg.epochs) == (d.optimizer, d.lr, d.wd, d.epochs)
+    assert cfg.warmup_epochs == 10.0  # 10 % of 100
+    cfg = resolve_config(
+        {"backbone": "b", "data": "d", "method": "vpt-deep", "lr": 0.5, "epochs": 15}
+    )
+    assert cfg.lr == 0.5 and cfg.warmup_epochs == 1.5
+
+
+def test_lr_scaling_rules() -> None:
+    sgd = resolve_config({"backbone": "b", "data": "d", "method": "linear", "batch_size": 64})
+    assert sgd.scaled_lr and math.isclose(sgd.actual_lr, sgd.lr * 64 / 256)
+    adamw = resolve_config({"backbone": "b", "data": "d", "method": "spt-deep"})
+    assert not adamw.scaled_lr and adamw.actual_lr == adamw.lr
+    forced = resolve_config(
+        {"backbone": "b", "data": "d", "method": "spt-deep", "lr_scaling": "on", "batch_size": 128}
+    )
+    assert math.isclose(forced.actual_lr, forced.lr / 2)
+
+
+def test_warmup_default_scales_with_epochs() -> None:
+    assert default_warmup(1) == 0
+    assert default_warmup(5) == 0.5
+    assert default_warmup(100) == 10
+    assert default_warmup(300) == 10
+
+
+def test_config_file_then_flags_precedence(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "backbone: b\ndata: d\nmethod: vpt-deep\nepochs: 7\nlr: 0.5\n"
+        "method_options: {prompt_len: 4, init: normal}\n"
+    )
+    flags = {"epochs": 3, "method_options": parse_set_options(["prompt_len=9"])}
+    cfg = resolve_config(merge_options(load_config_file(f), flags))
+    assert cfg.epochs == 3 and cfg.lr == 0.5
+    assert cfg.method_options == {"prompt_len": 9, "init": "normal"}
+
+
+def test_bad_options_are_clear() -> None:
+    with pytest.raises(ConfigError, match="unknown training option"):
+        resolve_config({"backbone": "b", "data": "d", "method": "m", "epoch": 3})
+    with pytest.raises(ConfigError, match="missing --data"):
+        resolve_config({"backbone": "b", "method": "m"})
+    with pytest.raises(ConfigError, match="optimizer"):
+        resolve_config({"backbone": "b", "data": "d", "method": "m", "optimizer": "lamb"})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set_options(["prompt_len"])
+
+
+def test_set_values_are_yaml() -> None:
+    assert parse_set_options(["stages=[1,2]", "strategy=kmeans", "x=1e-3", "flag=true"]) == {
+        "stages": [1, 2],
+        "strategy": "kmeans",
+        "x": 1e-3,
+        "flag": True,
+    }
+
+
+# ------------------------------------------------------------------------------- optim + sampling
+
+
+def test_warmup_then_cosine_to_min() -> None:
+    p = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = WarmupCosine(opt, peak=1.0, total_steps=10, warmup_steps=2, min_lr=1e-8)
+    lrs = [s.lr_at(i) for i in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
+    assert lrs[-1] > 1e-8 and math.isclose(s.lr_at(10), 1e-8)
+
+
+def test_no_decay_groups() -> None:
+    w, b, prompt = (
+        nn.Parameter(torch.zeros(3, 3)),
+        nn.Parameter(torch.zeros(3)),
+        nn.Parameter(torch.zeros(2, 3)),
+    )
+    groups = param_groups([("w", w), ("b", b), ("p", prompt)], {"p"}, 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 2]
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    cfg = resolve_config({"backbone": "b", "data": "d", "method": "spt-deep"})
+    assert isinstance(build_optimizer([("w", w)], set(), cfg), torch.optim.AdamW)
+
+
+def test_global_batches_are_shared_by_ranks() -> None:
+    batches = global_batches(23, 5, seed=3, epoch=1, world=2)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert sorted(i for b in batches for i in b) == list(range(23))
+    assert batches == global_batches(23, 5, seed=3, epoch=1, world=2)
+    assert batches != global_batches(23, 5, seed=3, epoch=2, world=2)
+    assert len(global_batches(21, 5, seed=0, epoch=0)) == 4  # a last batch of 1 is dropped
+    assert steps_per_epoch(21, 5) == 4 and steps_per_epoch(23, 5) == 5
+    for b in batches:
+        parts = [local_chunk(b, r, 2) for r in range(2)]
+        assert parts[0] + parts[1] == b and abs(len(parts[0]) - len(parts[1])) <= 1
+    resumed = list(EpochBatches(23, 5, 3, 1, start_step=2))
+    assert [[i for _, i in b] for b in resumed] == batches[2:]
+
+
+def test_global_batchnorm_is_batchnorm_in_one_process() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 4) * 5 + 2
+    a, b = nn.BatchNorm1d(4, affine=False), GlobalBatchNorm1d(4, affine=False)
+    assert torch.allclose(a(x), b(x)) and torch.allclose(a.running_var, b.running_var)
+
+
+# ------------------------------------------------------------------------------- checkpoint + eval
+
+
+def test_rng_state_round_trip_through_weights_only(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1)
+    state = rng_state()
+    expect = (torch.rand(3), np.random.rand(), random.random())
+    torch.save({"rng": state}, tmp_path / "r.pt")
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(expect[0], got[0]) and expect[1:] == got[1:]
+
+
+def test_summarize_counts_each_image_once() -> None:
+    pred = Predictions(
+        labels=torch.tensor([0, 1, 1, 2]),
+        topk=torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [2, 0, 1]]),
+        loss=torch.tensor([0.1, 0.2, 0.3, 0.4]),
+    )
+    m = summarize(pred, ["a", "b", "c"])
+    assert m["n"] == 4 and m["top1"] == 0.75 and m["top5"] == 1.0
+    assert m["per_class"] == {"a": 1.0, "b": 0.5, "c": 1.0}
+    assert m["confusion"] == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+# ------------------------------------------------------------------------------- fit
+
+
+def _model_and_splits(values: dict[str, object]):
+    cfg = resolve_config(values)
+    bb = load_backbone_reproducibly(cfg.backbone, cfg.img_size)
+    splits = build_data(cfg, bb)
+    return cfg, build_model(cfg, bb, splits), splits
+
+
+def test_linear_probe_cache_matches_full_forward(tiny_vit_spec: str, tiny_data_spec: str) -> None:
+    results = {}
+    for mode in ("on", "off"):
+        cfg, model, splits = _model_and_splits(
+            base_values(
+                tiny_vit_spec, tiny_data_spec, method="linear", epochs=3, feature_cache=mode
+            )
+        )
+        res = fit(model, splits, cfg)
+        results[mode] = (res, {k: v.clone() for k, v in model.task_state_dict().items()})
+    (cached, w_cached), (plain, w_plain) = results["on"], results["off"]
+    assert cached.feature_cache and not plain.feature_cache
+    for k in w_cached:
+        assert torch.allclose(w_cached[k].float(), w_plain[k].float(), atol=1e-5), k
+    assert cached.test["top1"] == plain.test["top1"]
+    assert cached.test["top1"] > 0.5
+
+
+def test_feature_cache_on_refuses_when_impossible(tiny_vit_spec: str, tiny_data_spec: str) -> None:
+    cfg, model, splits = _model_and_splits(
+        base_values(tiny_vit_spec, tiny_data_spec, feature_cache="on")
+    )
+    with pytest.raises(ConfigError, match="feature_cache=on"):
+        fit(model, splits, cfg)
+
+
+class _PoisonAfter(torch.utils.data.Dataset):
+    """Returns NaN images once ``after`` items have been read."""
+
+    def __init__(self, base: torch.utils.data.Dataset, after: int) -> None:
+        self.base, self.after, self.reads = base, after, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        x, y = self.base[i]
+        return (torch.full_like(x, float("nan")) if self.reads > self.after else x), y
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    cfg, model, splits = _model_and_splits(
+        base_values(tiny_vit_spec, tiny_data_spec, epochs=3, ckpt_every_steps=1)
+    )
+    splits.train = _PoisonAfter(
+        splits.train, after=24 + 8
+    )  # epoch 1 and one step of epoch 2 are fine
+    run = RunDir(tmp_path / "run")
+    run.create()
+    with pytest.raises(TrainingError, match=r"epoch 2, step 2 of the epoch.*lower --lr"):
+        fit(model, splits, cfg, sink=run)
+    ckpt = load_checkpoint(run.path)
+    assert ckpt["global_step"] == 4  # 3 steps of epoch 1 + 1 of epoch 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in read_jsonl(run.path / "metrics.jsonl")] == [1]
+
+
+def test_sigint_saves_checkpoint_and_resume_matches_uninterrupted(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    values = base_values(
+        tiny_vit_spec, tiny_data_spec, epochs=2, augment="flip-crop", deterministic=True
+    )
+    values["method_options"] = {"prompt_dropout": 0.1}  # consumes the RNG: resume must restore it
+    ref = train_run(dict(values), tmp_path / "ref", quiet=True)
+
+    def interrupt(state) -> None:
+        if state.global_step == 4:  # mid-epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="checkpoint saved"):
+        train_run(dict(values), tmp_path / "cut", quiet=True, step_hook=interrupt)
+    assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step_in_epoch"] == 1
+    resumed = resume_run(tmp_path / "cut", quiet=True)
+    ref_steps = read_jsonl(tmp_path / "ref" / "steps.jsonl")
+    cut_steps = read_jsonl(tmp_path / "cut" / "steps.jsonl")
+    assert [s["step"] for s in cut_steps] == [s["step"] for s in ref_steps]
+    for a, b in zip(ref_steps, cut_steps, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6)
+    assert resumed.summary["test"]["top1"] == ref.summary["test"]["top1"]
+    a, b = ref.model.task_state_dict(), resumed.model.task_state_dict()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_select_best_val_and_summary(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    values = base_values(
+        tiny_vit_spec, tiny_data_spec, method="linear", epochs=3, select="best-val"
+    )
+    res = train_run(values, tmp_path / "run", quiet=True)
+    s = res.summary
+    assert s["selected"] == {"rule": "best-val", "epoch": s["best_val"]["epoch"]}
+    assert s["feature_cache"] is True
+    assert s["task_size_bytes"] > 0 and s["parameters"]["trainable"] == s["parameters"]["head"]
+    assert "training" in json.loads((tmp_path / "run" / "task" / "task.json").read_text())["extra"]
+
+
+def test_checkpoint_loads_weights_only(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    train_run(base_values(tiny_vit_spec, tiny_data_spec, epochs=1), tmp_path / "run", quiet=True)
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert state["complete"] and state["epoch"] == 1 and "method.prompts" in state["model"]
+    assert isinstance(TrainConfig(), TrainConfig)
+
+
+def test_eval_every_skips_validation_but_not_the_last(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    values = base_values(tiny_vit_spec, tiny_data_spec, method="linear", epochs=3, eval_every=2)
+    train_run(values, tmp_path / "run", quiet=True)
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["val_top1"] is not None for m in metrics] == [False, True, True]
+    assert (tmp_path / "run" / "curves.png").is_file()

@@ -1,0 +1,574 @@
+"""The tuning protocol: grids and the tie rule, search on train/val then retrain on train + val,
+resume after a kill, successive halving's compute, process-pool and Ray backends, suites, CLI.
+
+Most tests drive `run_sweep` with scripted runners (no training); a few run the real engine on a
+tiny random ViT and `builtin:digits` at 32 px.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_VIT
+from vprompt.errors import ConfigError
+from vprompt.sweep import (
+    VPT_LRS,
+    VPT_WDS,
+    FinalRun,
+    GridPoint,
+    LocalBackend,
+    SweepSpec,
+    TrialProgress,
+    choose,
+    default_grid,
+    halving_cost,
+    parse_values,
+    run_sweep,
+    rungs,
+)
+from vprompt.sweep.suite import datasets_from_specs, load_suite_file, run_suite
+
+BASE = {"backbone": "b", "data": "d", "method": "vpt-deep", "epochs": 6}
+
+
+# ------------------------------------------------------------------------- scripted runners
+
+
+def scripted_curve(lr: float, wd: float, epochs: int) -> list[float]:
+    """Val top-1 per epoch: best at lr 0.5 / wd 0, rising with epochs; ranks are stable."""
+    top = 0.9 - 0.1 * abs(math.log10(lr / 0.5)) - 2.0 * wd
+    return [round(top * (1 - 0.5 ** (e + 1)), 6) for e in range(epochs)]
+
+
+class Killed(Exception):
+    """Stands for a kill of the sweep process."""
+
+
+class ScriptedRunner:
+    """A `TrialRunner` that trains nothing: it returns `scripted_curve` and records every call.
+
+    ``events`` lists, in order, the splits each call touches; ``executions`` counts the units
+    that trained at least one epoch. With ``kill_after`` it raises `Killed` at the start of that
+    many-plus-one-th training unit.
+    """
+
+    def __init__(
+        self,
+        curve: Any = scripted_curve,
+        kill_after: int | None = None,
+        diverge_lr: float | None = None,
+    ) -> None:
+        self.curve = curve
+        self.kill_after = kill_after
+        self.diverge_lr = diverge_lr
+        self.events: list[tuple[Any, ...]] = []
+        self.executions: list[tuple[float, float, int, int]] = []
+
+    def advance(self, values: dict[str, Any], target: int, trial_dir: Path) -> TrialProgress:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        state = trial_dir / "epochs.json"
+        done = json.loads(state.read_text()) if state.exists() else 0
+        if self.kill_after is not None and len(self.executions) >= self.kill_after:
+            raise Killed
+        assert values["merge_train_val"] is False
+        self.events.append(("search", values["lr"], values["wd"], "train", "val"))
+        self.executions.append((values["lr"], values["wd"], done, target))
+        val = self.curve(values["lr"], values["wd"], target)
+        if values["lr"] == self.diverge_lr:
+            return TrialProgress(val[:1], [{"epoch": 1}], 1 - done, diverged="loss is nan")
+        state.write_text(json.dumps(target))
+        return TrialProgress(val, [{"epoch": e + 1} for e in range(target)], target - done)
+
+    def final(self, values: dict[str, Any], run_dir: Path) -> FinalRun:
+        assert values["merge_train_val"] is True
+        self.events.append(
+            ("final", values["lr"], values["wd"], "train+val", "test", values["seed"])
+        )
+        return FinalRun(values["seed"], 0.8 + 0.01 * values["seed"], str(run_dir), "")
+
+
+def sweep(tmp_path: Path, runner: ScriptedRunner, **kw: Any) -> Any:
+    values = {**BASE, **kw.pop("values", {})}
+    return run_sweep(SweepSpec(values, **kw), tmp_path / "out", runner=runner)
+
+
+# ------------------------------------------------------------------------- grids and choice
+
+
+def test_default_grids_follow_the_sources() -> None:
+    vpt = default_grid("vpt-deep")
+    assert vpt.lrs == (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0)
+    assert vpt.wds == (0.01, 0.001, 0.0001, 0.0) and "VPT" in vpt.source
+    full = default_grid("full")
+    assert full.lrs == (0.0001, 0.0005, 0.001, 0.005) and "finetune" in full.source
+    spec = SweepSpec(dict(BASE))
+    assert len(spec.points) == 40 and spec.lrs == VPT_LRS and spec.wds == VPT_WDS
+
+
+def test_grid_parsing_errors() -> None:
+    assert parse_values("0.1, 1,2.5", "lr") == (0.1, 1.0, 2.5)
+    assert parse_values("0", "wd") == (0.0,)
+    for bad, name in [
+        ("", "lr"),
+        ("0.1,,1", "lr"),
+        ("a,b", "lr"),
+        ("0", "lr"),
+        ("-1", "wd"),
+        ("1,1", "lr"),
+        ("nan", "wd"),
+    ]:
+        with pytest.raises(ConfigError):
+            parse_values(bad, name)
+    with pytest.raises(ConfigError, match="sets"):
+        SweepSpec({**BASE, "merge_train_val": True})
+    with pytest.raises(ConfigError, match="eta"):
+        SweepSpec(dict(BASE), search="halving", eta=1)
+
+
+def test_tie_rule_prefers_smaller_lr_then_smaller_wd() -> None:
+    scores = {
+        GridPoint(1.0, 0.0): 0.9,
+        GridPoint(0.5, 0.01): 0.9,
+        GridPoint(0.5, 0.001): 0.9,
+        GridPoint(0.1, 0.0): 0.8,
+        GridPoint(5.0, 0.0): math.nan,
+    }
+    assert choose(scores) == GridPoint(0.5, 0.001)
+    with pytest.raises(ConfigError, match="diverged"):
+        choose({GridPoint(1.0, 0.0): math.nan})
+
+
+def test_grid_sweep_picks_the_scripted_best_and_writes_outputs(tmp_path: Path) -> None:
+    runner = ScriptedRunner()
+    result = sweep(tmp_path, runner, lrs="0.1,0.5,2.5", wds="0,0.001", seeds=3)
+    assert result.choice == GridPoint(0.5, 0.0)
+    assert result.choice_val == pytest.approx(scripted_curve(0.5, 0.0, 6)[-1])
+    assert result.trial_epochs == result.grid_trial_epochs == 6 * 6
+    assert [f.seed for f in result.finals] == [0, 1, 2]
+    assert result.test_mean == pytest.approx(0.81) and result.test_std == pytest.approx(0.01)
+    out = tmp_path / "out"
+    for name in ("trials.md", "trials.json", "grid.png", "summary.json", "summary.md", "sweep.db"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "trials.json").read_text())
+    assert len(rows) == 6 and sum(r["chosen"] for r in rows) == 1
+    assert "chose lr 0.5 wd 0" in result.summary_line()
+    assert "81.00 ± 1.00%" in result.summary_line()
+
+
+def test_scripted_tie_goes_to_the_smaller_lr_and_wd(tmp_path: Path) -> None:
+    def flat(lr: float, wd: float, epochs: int) -> list[float]:
+        return [0.5] * (epochs - 1) + [0.9 if lr >= 0.5 else 0.7]
+
+    result = sweep(tmp_path, ScriptedRunner(flat), lrs="2.5,0.5,1", wds="0.01,0.001", seeds=1)
+    assert result.choice == GridPoint(0.5, 0.001)
+
+
+# ------------------------------------------------------------------------- protocol order
+
+
+def test_search_uses_train_val_and_test_only_after_the_choice(tmp_path: Path) -> None:
+    runner = ScriptedRunner()
+    result = sweep(tmp_path, runner, lrs="0.1,0.5", wds="0,0.01", seeds=2, values={"seed": 7})
+    kinds = [e[0] for e in runner.events]
+    first_final = kinds.index("final")
+    assert kinds[:first_final] == ["search"] * 4 and kinds[first_final:] == ["final"] * 2
+    assert all(e[3:5] == ("train", "val") for e in runner.events[:first_final])
+    finals = runner.events[first_final:]
+    assert all(e[1:5] == (0.5, 0.0, "train+val", "test") for e in finals)
+    assert [e[5] for e in finals] == [7, 8] and result.spec.final_seeds == [7, 8]
+
+
+# ------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("search", ["grid", "halving"])
+def test_killed_sweep_resumes_without_redoing_trials(tmp_path: Path, search: str) -> None:
+    spec_kw = {"lrs": "0.1,0.5,1,2.5", "wds": "0,0.001", "search": search, "seeds": 1}
+    first = ScriptedRunner(kill_after=3)
+    with pytest.raises(Killed):
+        sweep(tmp_path, first, **spec_kw)
+    second = ScriptedRunner()
+    resumed = sweep(tmp_path, second, **spec_kw)
+    units = first.executions + second.executions
+    assert len(units) == len(set(units)), "a unit of work ran twice"
+    epochs_trained: dict[tuple[float, float], int] = {}
+    for lr, wd, start, target in units:
+        epochs_trained[(lr, wd)] = epochs_trained.get((lr, wd), 0) + target - start
+    assert sum(epochs_trained.values()) == resumed.trial_epochs
+    assert len(sweep(tmp_path, ScriptedRunner(kill_after=0), **spec_kw).trials) == 8  # all done
+    if search == "grid":
+        assert len(units) == 8 and all(v == 6 for v in epochs_trained.values())
+        return
+    fresh = ScriptedRunner()  # halving makes the decisions an uninterrupted run makes
+    uninterrupted = run_sweep(SweepSpec(dict(BASE), **spec_kw), tmp_path / "fresh", runner=fresh)
+    assert resumed.choice == uninterrupted.choice
+    assert [t.outcome for t in resumed.trials] == [t.outcome for t in uninterrupted.trials]
+
+
+def test_study_name_cannot_be_reused_for_another_sweep(tmp_path: Path) -> None:
+    run_sweep(
+        SweepSpec(dict(BASE), lrs="0.5", wds="0", seeds=1),
+        tmp_path / "a",
+        runner=ScriptedRunner(),
+        study_name="s",
+        storage=f"sqlite:///{tmp_path}/db.sqlite",
+    )
+    with pytest.raises(ConfigError, match="different sweep"):
+        run_sweep(
+            SweepSpec({**BASE, "epochs": 3}, lrs="0.5", wds="0", seeds=1),
+            tmp_path / "b",
+            runner=ScriptedRunner(),
+            study_name="s",
+            storage=f"sqlite:///{tmp_path}/db.sqlite",
+        )
+
+
+def test_a_grid_can_grow_and_only_new_points_run(tmp_path: Path) -> None:
+    run_sweep(
+        SweepSpec(dict(BASE), lrs="0.1,0.5", wds="0", seeds=1),
+        tmp_path / "o",
+        runner=ScriptedRunner(),
+    )
+    runner = ScriptedRunner()
+    result = run_sweep(
+        SweepSpec(dict(BASE), lrs="0.1,0.5,1", wds="0", seeds=1), tmp_path / "o", runner=runner
+    )
+    assert [(lr, wd) for lr, wd, _, _ in runner.executions] == [(1.0, 0.0)]
+    assert len(result.trials) == 3
+
+
+# ------------------------------------------------------------------------- halving
+
+
+def test_rungs_and_cost() -> None:
+    assert rungs(8, 1, 3) == [1, 3, 8]
+    assert rungs(100, 4, 3) == [4, 12, 36, 100]
+    assert rungs(1, 1, 3) == [1]
+    assert halving_cost(8, 8, 1, 3) == 8 * 1 + 3 * 2 + 1 * 5
+
+
+def test_halving_spends_less_than_the_grid_and_finds_the_best(tmp_path: Path) -> None:
+    grid = sweep(tmp_path / "g", ScriptedRunner(), lrs="0.1,0.25,0.5,1", wds="0,0.001", seeds=1)
+    runner = ScriptedRunner()
+    halving = sweep(
+        tmp_path / "h",
+        runner,
+        lrs="0.1,0.25,0.5,1",
+        wds="0,0.001",
+        search="halving",
+        eta=3,
+        seeds=1,
+    )
+    assert halving.choice == grid.choice
+    assert halving.trial_epochs == halving_cost(8, 6, 1, 3) < grid.trial_epochs
+    outcomes = [t.outcome for t in halving.trials]
+    assert outcomes.count("complete") == 1 and outcomes.count("pruned") == 7
+    for _lr, _wd, start, target in runner.executions:  # paused trials continue from their epoch
+        assert start < target
+
+
+def test_halving_needs_validation_at_every_rung(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="eval-every"):
+        sweep(
+            tmp_path,
+            ScriptedRunner(),
+            lrs="0.5",
+            wds="0",
+            search="halving",
+            values={"eval_every": 2},
+        )
+    ok = sweep(
+        tmp_path,
+        ScriptedRunner(),
+        lrs="0.5",
+        wds="0",
+        search="halving",
+        min_epochs=2,
+        eta=2,
+        seeds=1,
+        values={"eval_every": 2},
+    )  # rungs 2, 4, 6
+    assert ok.trial_epochs == 6
+
+
+def test_diverged_trials_are_recorded_and_never_chosen(tmp_path: Path) -> None:
+    result = sweep(tmp_path, ScriptedRunner(diverge_lr=0.5), lrs="0.1,0.5", wds="0", seeds=1)
+    by_lr = {t.point.lr: t for t in result.trials}
+    assert by_lr[0.5].outcome == "diverged" and "nan" in by_lr[0.5].message
+    assert result.choice == GridPoint(0.1, 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_process_pool_backend_agrees_with_sequential(tmp_path: Path) -> None:
+    kw = {"lrs": "0.1,0.5,1", "wds": "0", "seeds": 2, "search": "halving"}
+    seq = run_sweep(SweepSpec(dict(BASE), **kw), tmp_path / "seq", runner=ScriptedRunner())
+    with LocalBackend(workers=2) as backend:
+        pool = run_sweep(
+            SweepSpec(dict(BASE), **kw), tmp_path / "pool", runner=ScriptedRunner(), backend=backend
+        )
+    assert pool.choice == seq.choice and pool.test == seq.test
+    assert [t.val for t in pool.trials] == [t.val for t in seq.trials]
+
+
+# ------------------------------------------------------------------------- suite
+
+
+def test_suite_file_groups_names_and_root(tmp_path: Path) -> None:
+    f = tmp_path / "suite.yaml"
+    f.write_text(
+        "root: /data/vtab\n"
+        "groups:\n"
+        "  natural: [cifar100, 'pets: vtab:/elsewhere/oxford_pets']\n"
+        "  structured:\n"
+        "    - {digits: builtin:digits}\n"
+        "    - builtin:fashion-mnist\n"
+    )
+    ds = load_suite_file(f)
+    assert [(d.name, d.spec, d.group) for d in ds] == [
+        ("cifar100", "vtab:/data/vtab/cifar100", "natural"),
+        ("pets", "vtab:/elsewhere/oxford_pets", "natural"),
+        ("digits", "builtin:digits", "structured"),
+        ("fashion-mnist", "builtin:fashion-mnist", "structured"),
+    ]
+    f.write_text("groups:\n  natural: [cifar100]\n")
+    with pytest.raises(ConfigError, match="root"):
+        load_suite_file(f)
+
+
+def test_suite_tables_per_dataset_and_group(tmp_path: Path) -> None:
+    datasets = load_suite_file(_suite_yaml(tmp_path))
+
+    def spec(method: str, data: str) -> SweepSpec:
+        return SweepSpec({**BASE, "method": method, "data": data}, lrs="0.5,1", wds="0", seeds=2)
+
+    suite = run_suite(
+        datasets, ["vpt-deep", "linear"], spec, tmp_path / "suite", runner=ScriptedRunner()
+    )
+    md = (tmp_path / "suite" / "suite.md").read_text()
+    assert "| Method | a | b | nat mean | c | str mean | Mean |" in md
+    assert "| vpt-deep | 80.5 | 80.5 | **80.5** | 80.5 | **80.5** | **80.5** |" in md
+    doc = json.loads((tmp_path / "suite" / "suite.json").read_text())
+    assert doc["groups"] == {"nat": ["a", "b"], "str": ["c"]}
+    assert doc["methods"]["linear"]["groups"]["nat"] == pytest.approx(0.805)
+    assert suite.overall_mean("vpt-deep") == pytest.approx(0.805)
+    assert [d.name for d in datasets_from_specs(["builtin:digits", "builtin:digits"])] == [
+        "digits",
+        "digits-2",
+    ]
+
+
+def _suite_yaml(tmp_path: Path) -> Path:
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        "groups:\n  nat: ['a: builtin:digits', 'b: builtin:fashion-mnist']\n"
+        "  str: ['c: folder:/x']\n"
+    )
+    return f
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _app() -> Any:
+    import typer
+
+    from vprompt.cli import sweep as sweep_cli
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """test app"""
+
+    sweep_cli.register(app)
+    return app
+
+
+def test_cli_sweep_takes_train_flags_with_grids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inspect
+
+    from vprompt.cli import train as train_cli
+    from vprompt.cli.sweep import DROPPED_TRAIN_FLAGS, sweep_command
+
+    names = set(inspect.signature(sweep_command()).parameters)
+    train_names = set(inspect.signature(train_cli.train).parameters)
+    assert train_names - set(DROPPED_TRAIN_FLAGS) <= names
+    assert {"lr", "wd", "seeds", "search", "backend", "workers", "storage", "out"} <= names
+
+    monkeypatch.setattr("vprompt.sweep.protocol.EngineRunner", ScriptedRunner)
+    args = [
+        "sweep",
+        "--backbone",
+        "b",
+        "--data",
+        "d",
+        "--method",
+        "vpt-deep",
+        "--epochs",
+        "4",
+        "--lr",
+        "0.1,0.5",
+        "--wd",
+        "0",
+        "--seeds",
+        "2",
+        "--search",
+        "halving",
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+    ]
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    assert "chose lr 0.5 wd 0" in res.output and "over 2 seed(s)" in res.output
+    bad = CliRunner().invoke(_app(), [*args[:-3], "--lr", "0.1,x", "--out", str(tmp_path / "p")])
+    assert bad.exit_code == 2 and "every value must be a number" in bad.output
+
+
+def test_cli_suite_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vprompt.sweep.protocol.EngineRunner", ScriptedRunner)
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "suite",
+            "--backbone",
+            "b",
+            "--data",
+            "builtin:digits",
+            "--method",
+            "vpt-deep,linear",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.5",
+            "--wd",
+            "0",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "| linear |" in res.output and "suite: 2 method(s) x 1 dataset(s)" in res.output
+
+
+# ------------------------------------------------------------------------- the real engine
+
+TINY = {
+    "backbone": TINY_VIT,
+    "data": "builtin:digits",
+    "method": "vpt-deep",
+    "img_size": 32,
+    "epochs": 2,
+    "batch_size": 16,
+    "train_size": 48,
+    "val_size": 24,
+    "test_size": 24,
+    "device": "cpu",
+    "method_options": {"prompt_len": 2},
+}
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_engine_sweep_touches_test_only_after_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vprompt.engine import trainer
+
+    touched: list[str] = []
+    evaluate = trainer.Loop.evaluate
+
+    def spy(self: Any, ds: Any, name: str) -> Any:
+        if ds is not None:
+            touched.append(name)
+        return evaluate(self, ds, name)
+
+    monkeypatch.setattr(trainer.Loop, "evaluate", spy)
+    spec = SweepSpec(dict(TINY), lrs="0.5,5", wds="0", search="halving", eta=2, seeds=1)
+    result = run_sweep(spec, tmp_path / "o")
+    assert touched == ["val"] * 3 + ["test"], touched  # rung 1: 2 trials, rung 2: 1; then final
+    final = json.loads((Path(result.finals[0].run_dir) / "summary.json").read_text())
+    assert final["val"] is None and final["test"]["n"] == 24
+    import yaml
+
+    config = yaml.safe_load((Path(result.finals[0].run_dir) / "config.yaml").read_text())
+    assert config["merge_train_val"] and config["resolved"]["train_images"] == 48 + 24
+    assert (Path(result.finals[0].task_dir) / "task.json").is_file()
+    assert not any((tmp_path / "o" / "trials").iterdir())  # finished trials drop checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+def test_engine_halving_pause_resume_matches_uninterrupted_training(tmp_path: Path) -> None:
+    kw = {"lrs": "0.5,2", "wds": "0", "seeds": 1}
+    grid = run_sweep(SweepSpec({**TINY, "epochs": 3}, **kw), tmp_path / "g")
+    halving = run_sweep(
+        SweepSpec({**TINY, "epochs": 3}, search="halving", eta=2, **kw), tmp_path / "h"
+    )
+    g = {t.point: t for t in grid.trials}
+    for t in halving.trials:  # paused at epoch 1, continued from the checkpoint: same numbers
+        assert t.val == g[t.point].val[: t.epochs]
+        assert [r["train_loss"] for r in t.records] == [
+            r["train_loss"] for r in g[t.point].records[: t.epochs]
+        ]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_ray_backend_runs_the_same_trials_as_local(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="ray[tune] is not installed (pip install 'vprompt[ray]')")
+    from vprompt.sweep import RayBackend
+
+    spec_kw = {"lrs": "0.5,2", "wds": "0,0.001", "seeds": 1}
+    local = run_sweep(SweepSpec(dict(TINY), **spec_kw), tmp_path / "local")
+    with RayBackend(workers=2, cpus_per_trial=1, storage_path=str(tmp_path / "ray")) as backend:
+        ray = run_sweep(SweepSpec(dict(TINY), **spec_kw), tmp_path / "ray-out", backend=backend)
+    assert len(ray.trials) == 4 and all(t.outcome == "complete" for t in ray.trials)
+    assert ray.choice == local.choice
+    for a, b in zip(ray.trials, local.trials, strict=True):
+        assert a.val == pytest.approx(b.val, abs=1e-6)
+    assert ray.test == pytest.approx(local.test, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_search_benchmark_quick(tmp_path: Path) -> None:
+    """``python -m benchmarks.search --quick``: live halving matches the replay, halving spends
+    less than the grid, and the JSON / Markdown / PNG are written."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.search",
+        "--quick",
+        "--work",
+        str(tmp_path / "w"),
+        "--results",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=580
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "search.quick.json").read_text())["rows"]
+    assert row["live_matches_replay"]
+    assert row["halving"]["trial_epochs"] < row["grid"]["trial_epochs"] == 64
+    assert (tmp_path / "search.quick.png").read_bytes()[:4] == b"\x89PNG"
+    assert "halving (live)" in (tmp_path / "search.quick.md").read_text()
