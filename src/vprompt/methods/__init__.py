@@ -14,6 +14,7 @@ from vprompt.methods.registry import (
     make_config,
     register_method,
 )
+from vprompt.methods.spt import SPTDeepConfig, SPTShallowConfig
 from vprompt.methods.vpt import VPTConfig, VPTDeepConfig, VPTShallowConfig
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "PoolType",
     "ProTuningConfig",
     "PromptedModel",
+    "SPTDeepConfig",
+    "SPTShallowConfig",
     "VPTConfig",
     "VPTDeepConfig",
     "VPTShallowConfig",

@@ -184,6 +184,13 @@ def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
     return pool
 
 
+def _drop_hooks(model: nn.Module) -> None:
+    """Remove forward hooks a deep copy carried over (Pro-tuning's are live only mid-forward)."""
+    for m in model.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+
+
 class PromptedModel(nn.Module):
     """A frozen backbone, a tuning method and a classification head.
 
@@ -207,6 +214,7 @@ class PromptedModel(nn.Module):
         model = backbone.model
         if method.trains_backbone:
             model = copy.deepcopy(model)
+            _drop_hooks(model)  # a copy taken mid-forward must not keep another task's hooks
         self.backbone_info = backbone
         self.backbone = model
         self.method = method

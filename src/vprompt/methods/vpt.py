@@ -144,13 +144,19 @@ def prompt_kv(block: Block, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def block_with_prompt_kv(
-    block: Block, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor
+    block: Block,
+    x: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One timm `Block` on image tokens that also attend to prompt keys/values.
 
     Args:
         x: image tokens (B, T, D) (prefix + patches, no prompts).
         pk: prompt keys (1 or B, H, P, hd); pv: prompt values, same shape.
+        attn_mask: optional boolean mask (B, 1, 1, P + T), True where a row may attend (used to
+            serve tasks with different prompt lengths, zero-padded, in one batch).
 
     Returns:
         The block's output for the image tokens, (B, T, D): exactly what the full block computes
@@ -166,7 +172,7 @@ def block_with_prompt_kv(
     k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, H, P + T, hd)
     v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)  # (B, H, P + T, hd)
     o = F.scaled_dot_product_attention(
-        q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
     )  # (B, H, T, hd)
     o = attn.norm(o.transpose(1, 2).reshape(B, T, attn.attn_dim))  # (B, T, H * hd)
     if gate is not None:

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vprompt.methods.base import Method, PromptedModel
@@ -187,37 +187,6 @@ def prompt_mask(
     return torch.cat([prompts, image], dim=1)[:, None, None, :]  # (n, 1, 1, longest + T)
 
 
-def block_with_masked_prompt_kv(
-    block: Block, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """`vprompt.methods.vpt.block_with_prompt_kv` with an attention mask over the keys.
-
-    Args:
-        x: image tokens (n, T, D).
-        pk: padded prompt keys (n, H, P, hd); pv: values, same shape.
-        mask: (n, 1, 1, P + T) boolean, True where a row may attend.
-
-    Returns:
-        The block's output for the image tokens, (n, T, D).
-    """
-    attn = block.attn
-    B, T, _ = x.shape
-    h = block.norm1(x)
-    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # each (n, H, T, hd)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    k = torch.cat([pk, k], dim=2)  # (n, H, P + T, hd)
-    v = torch.cat([pv, v], dim=2)  # (n, H, P + T, hd)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (n, H, T, hd)
-    o = attn.norm(o.transpose(1, 2).reshape(B, T, attn.attn_dim))  # (n, T, H * hd)
-    if gate is not None:
-        o = o * gate
-    o = attn.proj_drop(attn.proj(o))
-    x = x + block.drop_path1(block.ls1(o))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-
 def forward_prompt_kv(
     vit: VisionTransformer, x: torch.Tensor, caches: Sequence[PromptKV], counts: Sequence[int]
 ) -> torch.Tensor:
@@ -236,10 +205,7 @@ def forward_prompt_kv(
     mask = prompt_mask(lengths, counts, t.shape[1], t.device)  # (n, 1, 1, P + T) or None
     for i, block in enumerate(vit.blocks):
         pk, pv = gather_kv(caches, i, counts, max(lengths))  # (1|n, H, P, hd)
-        if mask is None:
-            t = block_with_prompt_kv(block, t, pk, pv)
-        else:
-            t = block_with_masked_prompt_kv(block, t, pk, pv, mask)
+        t = block_with_prompt_kv(block, t, pk, pv, attn_mask=mask)
     return vit.norm(t)  # (n, prefix + N, D)
 
 

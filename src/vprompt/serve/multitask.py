@@ -46,9 +46,6 @@ from vprompt.serve.groups import (
 from vprompt.serve.images import DEFAULT_MAX_PIXELS, decode_image
 from vprompt.tasks.artifact import check_backbone, load_task, read_task_info, task_size_bytes
 
-with contextlib.suppress(ImportError):  # registers spt-shallow/spt-deep, which
-    import vprompt.methods.spt  # noqa: F401  `vprompt.methods` does not import yet
-
 log = logging.getLogger("vprompt.serve")
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
