@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vprompt-setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
-EXTRAS ?= zoo,datasets,serve,sweep,dev
+EXTRAS ?= zoo,datasets,serve,sweep,ray,dev
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup demo test test-fast bench lint format clean

@@ -501,7 +501,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     rows = report["throughput"]["rows"]
     fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [max(len(rows), 2), 2]}
+        1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [max(len(rows), 2), 2.5]}
     )
     xs = np.arange(len(rows))
     width = 0.27
@@ -542,8 +542,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_xlabel("request latency (ms)")
     ax2.set_ylabel("requests")
     ax2.set_title(
-        f"HTTP: {report['setup']['http_clients']} clients, {http['requests_per_s']:.1f} req/s, "
-        f"mean batch {http['server_batch_size_mean'] or 0:.1f}"
+        f"HTTP: {report['setup']['http_clients']} clients, {http['requests_per_s']:.1f} req/s,\n"
+        f"mean batch {http['server_batch_size_mean'] or 0:.1f}, {http['errors']} errors"
     )
     ax2.legend(fontsize=8)
     fig.tight_layout()

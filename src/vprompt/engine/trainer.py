@@ -304,14 +304,16 @@ class Loop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "rng": rng_state(),
-            "loop": {k: v for k, v in self.state.to_dict().items()},
+            "loop": self.state.to_dict(),
             "world_size": self.info.world,
         }
 
     def save(self, complete: bool = False) -> None:
-        state = self.checkpoint_state(complete)
+        """Checkpoint (rank 0 with a sink); every rank refuses non-finite weights alike."""
         if self.sink is not None and self.info.is_main:
-            self.sink.checkpoint(state)
+            self.sink.checkpoint(self.checkpoint_state(complete))
+        elif not all_finite(trainable_state(self.model)):
+            self.checkpoint_state(complete)  # raises the NaN/inf error
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         load_trainable_state(
@@ -499,6 +501,24 @@ def epoch_line(r: dict[str, Any], epochs: int | None) -> str:
     )
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads (unchanged when None), restoring the setting after.
+
+    The head alone on cached features is made of tiny ops: one thread runs them fastest, and
+    more only add synchronisation, which costs 10-100x when the cores are shared.
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def wrap_for_training(
     module: nn.Module, cfg: TrainConfig, info: DistInfo
 ) -> tuple[nn.Module, nn.Module]:
@@ -607,7 +627,7 @@ def fit(
         reporter.info(f"resumed at epoch {loop.state.epoch + 1}, step {loop.state.global_step}")
     start = time.perf_counter()
     try:
-        with stop_on_signals() as flag:
+        with stop_on_signals() as flag, cpu_threads(1 if stage.cached else None):
             loop.stop = flag
             while loop.state.epoch < int(cfg.epochs or 0):
                 loop.run_epoch()
