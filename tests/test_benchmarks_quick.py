@@ -125,3 +125,20 @@ def test_goals_pass_and_fail_on_their_thresholds() -> None:
     assert all(good.values()), good
     bad = {g.name: g.passed for g in speed.evaluate_goals(summary(1.6, 700.0))}
     assert [v for v in bad.values()].count(False) == 3  # vs reference, vs full, memory
+
+
+@pytest.mark.slow
+def test_render_rewrites_the_report_from_raw_numbers(
+    quick_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, result = quick_run
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--render", str(out / "speed.quick.json")]
+    cmd += ["--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "speed.quick.json").read_text())
+    assert again["runs"] == result["runs"]
+    assert again["summary"] == result["summary"]
+    assert [g["verdict"] for g in again["goals"]] == [g["verdict"] for g in result["goals"]]
+    assert "re-rendered from the stored raw numbers" in (tmp_path / "speed.quick.md").read_text()
+    assert (tmp_path / "speed.quick.png").read_bytes()[:8] == PNG_MAGIC

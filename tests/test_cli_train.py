@@ -321,3 +321,36 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert "linear" in r.stdout and "vpt-deep" in r.stdout and "task size" in r.stdout
     for name in ("linear", "vpt-deep"):
         assert (tmp_path / "demo" / name / "task" / "task.json").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_says_how_to_resume(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vprompt",
+        *train_args(tiny_vit_spec, tiny_data_spec, run, "--method", "vpt-deep", "--epochs", "3"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env(VPROMPT_DEBUG_STEP_DELAY="0.3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    steps = run / "steps.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (steps.exists() and steps.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"vprompt train --resume {run}" in err and "checkpoint saved" in err
+    assert json.loads((run / "checkpoint.json").read_text())["global_step"] >= 1
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]

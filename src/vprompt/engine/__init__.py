@@ -15,27 +15,41 @@ from vprompt.engine.config import (
     parse_set_options,
     resolve_config,
 )
+from vprompt.engine.demo import DemoResult, format_demo, run_demo
 from vprompt.engine.evaluate import Predictions, predict_split, save_confusion_png, summarize
+from vprompt.engine.inference import (
+    evaluate_task,
+    expand_inputs,
+    load_task_model,
+    predict_images,
+)
 from vprompt.engine.run import RunResult, load_backbone_reproducibly, resume_run, train_run
 from vprompt.engine.trainer import FitResult, TrainingInterrupted, fit
 
 __all__ = [
     "METHOD_DEFAULTS",
+    "DemoResult",
     "FitResult",
     "MethodDefaults",
     "Predictions",
     "RunResult",
     "TrainConfig",
     "TrainingInterrupted",
+    "evaluate_task",
+    "expand_inputs",
     "fit",
+    "format_demo",
     "load_backbone_reproducibly",
     "load_config_file",
+    "load_task_model",
     "merge_options",
     "method_defaults",
     "parse_set_options",
+    "predict_images",
     "predict_split",
     "resolve_config",
     "resume_run",
+    "run_demo",
     "save_confusion_png",
     "summarize",
     "train_run",
