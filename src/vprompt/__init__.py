@@ -16,6 +16,7 @@ The data path, in one screen::
 from vprompt._version import __version__
 from vprompt.backbones import Backbone, DataConfig, list_zoo, load_backbone
 from vprompt.data import DataSplits, build_splits, build_transform
+from vprompt.engine import TrainConfig, fit, resume_run, train_run
 from vprompt.errors import (
     BackboneError,
     ConfigError,
@@ -48,12 +49,14 @@ __all__ = [
     "PromptedModel",
     "TaskError",
     "TaskInfo",
+    "TrainConfig",
     "TrainingError",
     "VPromptError",
     "__version__",
     "attach",
     "build_splits",
     "build_transform",
+    "fit",
     "get_method_class",
     "list_methods",
     "list_zoo",
@@ -62,5 +65,7 @@ __all__ = [
     "make_config",
     "read_task_info",
     "register_method",
+    "resume_run",
     "save_task",
+    "train_run",
 ]
