@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from vprompt._atomic import atomic_write
 
 CACHE_ENV = "VPROMPT_CACHE"
 
@@ -31,15 +32,9 @@ def write_safetensors_atomic(
     A reader never sees a half-written file, and two writers racing leave one complete file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    # a shared cache must stay readable by others whatever the umask
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata), mode=0o644)
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:

@@ -8,24 +8,15 @@ pickled. ``checkpoint.json`` beside it says in plain text where the checkpoint s
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vprompt._atomic import atomic_write, atomic_write_text
 from vprompt.errors import TrainingError
-
-
-def public_mode(path: str | os.PathLike) -> None:
-    """Give a file made by `tempfile.mkstemp` (0600) the permissions ``open()`` would (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_INFO = "checkpoint.json"
@@ -64,30 +55,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    public_mode(tmp)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write ``checkpoint.pt`` (then ``checkpoint.json``) through temporary files + rename."""
     path = run_dir / CHECKPOINT
-    _atomic_torch_save({"format": FORMAT, **state}, path)
+    atomic_write(path, lambda p: torch.save({"format": FORMAT, **state}, p))
     info = {
         k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "complete") if k in state
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_INFO}.", dir=run_dir)
-    public_mode(tmp)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, run_dir / CHECKPOINT_INFO)
+    atomic_write_text(run_dir / CHECKPOINT_INFO, json.dumps(info))
     return path
 
 

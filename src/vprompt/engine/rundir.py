@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from vprompt.engine.checkpoint import CHECKPOINT, public_mode, save_checkpoint
+from vprompt._atomic import atomic_write, atomic_write_text
+from vprompt.engine.checkpoint import CHECKPOINT, save_checkpoint
 from vprompt.errors import ConfigError
 
 CONFIG = "config.yaml"
@@ -37,19 +37,6 @@ RUN_MARKERS = (CONFIG, METRICS, CHECKPOINT, SUMMARY)
 def is_run_dir(path: Path) -> bool:
     """True if ``path`` holds any file a training run writes."""
     return any((path / m).exists() for m in RUN_MARKERS)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    public_mode(tmp)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunDir:
@@ -84,7 +71,7 @@ class RunDir:
         p.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, text: str) -> None:
-        write_text_atomic(self.path / CONFIG, text)
+        atomic_write_text(self.path / CONFIG, text)
 
     # ------------------------------------------------------------------ RunSink
     def step(self, record: dict[str, Any]) -> None:
@@ -102,7 +89,7 @@ class RunDir:
     # ------------------------------------------------------------------ resume / end
     def rewind(self, global_step: int, history: list[dict[str, Any]]) -> None:
         """Drop records written after the checkpoint a resumed run continues from."""
-        write_text_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
         steps = self.path / STEPS
         if steps.exists():
             kept = [
@@ -110,10 +97,10 @@ class RunDir:
                 for line in steps.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= global_step
             ]
-            write_text_atomic(steps, "".join(line + "\n" for line in kept))
+            atomic_write_text(steps, "".join(line + "\n" for line in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_text_atomic(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     @property
     def task_dir(self) -> Path:
@@ -147,15 +134,10 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    public_mode(tmp)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _plot(ax: Any, history: list[dict[str, Any]], key: str, label: str) -> None:

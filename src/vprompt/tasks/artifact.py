@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vprompt._atomic import atomic_write, atomic_write_text
 from vprompt._version import __version__
 from vprompt.backbones.base import Backbone, DataConfig
 from vprompt.errors import TaskError, VPromptError
@@ -53,21 +53,6 @@ class TaskInfo:
         return self.data_config.img_size
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a task is as readable as any file
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_task(model: PromptedModel, directory: str | os.PathLike, **extra: Any) -> Path:
     """Write a task artifact for ``model`` into ``directory`` (created if needed).
 
@@ -94,8 +79,8 @@ def save_task(model: PromptedModel, directory: str | os.PathLike, **extra: Any) 
         "extra": extra,
     }
     tensors = model.task_state_dict()
-    _atomic_write(out / TASK_TENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / TASK_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / TASK_TENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(out / TASK_JSON, json.dumps(meta, indent=2) + "\n")
     return out
 
 

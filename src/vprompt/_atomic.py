@@ -1,0 +1,45 @@
+"""Atomic file writes: a temporary file in the same folder, then ``os.replace``.
+
+A reader never sees a half-written file, a failed write leaves the old file in place, and two
+writers racing leave one complete file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def umask_mode() -> int:
+    """The mode ``open()`` would give a new file (0666 less the process umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = None) -> None:
+    """Call ``write(tmp_path)``, then rename the temporary file over ``path``.
+
+    Args:
+        path: the destination; its folder must exist.
+        write: writes the whole file at the path it is given.
+        mode: file permissions; by default what ``open()`` would give (``mkstemp`` makes 0600).
+    """
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f"{path.suffix}.tmp", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        os.chmod(tmp, umask_mode() if mode is None else mode)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a text file."""
+    atomic_write(path, lambda p: Path(p).write_text(text))
