@@ -425,6 +425,27 @@ def test_fingerprint_stable_and_weight_sensitive(tmp_path: Path) -> None:
     assert c.fingerprint != a.fingerprint
 
 
+def test_random_weights_are_seeded_and_leave_the_callers_rng_alone() -> None:
+    fingerprints = set()
+    for seed in (0, 1, 12345):
+        torch.manual_seed(seed)
+        expected = torch.rand(4)  # the caller's stream without the load in between
+        torch.manual_seed(seed)
+        torch.rand(2)  # the caller has drawn something already
+        mid = torch.get_rng_state()
+        bb = load_backbone(TINY)
+        assert torch.equal(torch.get_rng_state(), mid), "load_backbone moved the caller's RNG"
+        torch.manual_seed(seed)
+        torch.rand(2)
+        assert torch.equal(torch.rand(2), expected[2:])
+        fingerprints.add(bb.fingerprint)
+    assert len(fingerprints) == 1, "random weights depend on the caller's global seed"
+    # The seed is the one tasks trained before it moved here were built with (fork + seed 0).
+    with torch.random.fork_rng(devices=[]):
+        old = _tiny_vit(seed=0)
+    assert fingerprints == {fingerprint_state(old)}
+
+
 # ---------------------------------------------------------------- zoo registry and cache
 
 

@@ -309,11 +309,11 @@ def test_resume_refuses_changed_options(
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path: Path) -> None:
-    from vprompt.engine.run import load_backbone_reproducibly
+    from vprompt.backbones import load_backbone
     from vprompt.errors import BackboneError
 
     try:
-        load_backbone_reproducibly("zoo:dinov2-s", 56)
+        load_backbone("zoo:dinov2-s", 56)
     except BackboneError as e:
         pytest.skip(f"offline zoo weights not installed: {e}")
     r = invoke("demo", "--quick", "--quiet", "--out", tmp_path / "demo")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import vprompt.methods  # noqa: F401  (registers the methods)
+from vprompt.backbones import load_backbone
 from vprompt.engine import (
     TrainConfig,
     TrainingInterrupted,
@@ -34,7 +35,7 @@ from vprompt.engine.config import (
 from vprompt.engine.distributed import GlobalBatchNorm1d
 from vprompt.engine.evaluate import Predictions, summarize
 from vprompt.engine.optim import WarmupCosine, build_optimizer, param_groups
-from vprompt.engine.run import build_data, build_model, load_backbone_reproducibly
+from vprompt.engine.run import build_data, build_model
 from vprompt.engine.rundir import RunDir, read_jsonl
 from vprompt.engine.sampling import EpochBatches, global_batches, local_chunk, steps_per_epoch
 from vprompt.errors import ConfigError, TrainingError
@@ -201,7 +202,7 @@ def test_summarize_counts_each_image_once() -> None:
 
 def _model_and_splits(values: dict[str, object]):
     cfg = resolve_config(values)
-    bb = load_backbone_reproducibly(cfg.backbone, cfg.img_size)
+    bb = load_backbone(cfg.backbone, cfg.img_size)
     splits = build_data(cfg, bb)
     return cfg, build_model(cfg, bb, splits), splits
 

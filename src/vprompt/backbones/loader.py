@@ -25,6 +25,9 @@ from vprompt.backbones.spec import BackboneSpec, OptionValue, parse_backbone_spe
 from vprompt.backbones.zoo import ZooEntry, get_zoo_entry, load_zoo_state
 from vprompt.errors import BackboneError
 
+RANDOM_INIT_SEED = 0
+"""Seed of the weights a ``pretrained=false`` spec draws (and of any init a checkpoint replaces)."""
+
 
 def load_backbone(
     spec: str,
@@ -46,6 +49,10 @@ def load_backbone(
             the model is built with ``num_classes=0``: ``model(x)`` returns pooled features and
             methods attach their own head.
 
+    Random weights (``timm:NAME?pretrained=false``) are drawn from `RANDOM_INIT_SEED`, so every
+    process (DDP ranks, a resumed run, ``vprompt eval``, a server) builds the same backbone and the
+    task's weight fingerprint matches. The caller's torch RNG stream is left untouched.
+
     Returns:
         The `Backbone`; every parameter has ``requires_grad=False`` and the model is in eval mode.
 
@@ -55,6 +62,18 @@ def load_backbone(
     """
     parsed = parse_backbone_spec(spec)
     size = _merge_img_size(parsed, img_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, name, data_config = _build(parsed, size, arch, keep_head)
+    model.requires_grad_(False)
+    model.eval()
+    return Backbone(model=model, spec=spec.strip(), arch=name, data_config=data_config)
+
+
+def _build(
+    parsed: BackboneSpec, size: int | None, arch: str | None, keep_head: bool
+) -> tuple[nn.Module, str, DataConfig]:
+    """The model, its timm architecture name and its preprocessing."""
     if parsed.kind == "timm":
         model, name = _load_timm(parsed, size, arch, keep_head)
         data_config = _timm_data_config(model, size)
@@ -66,9 +85,7 @@ def load_backbone(
         model = _load_zoo(entry, parsed, size, arch, keep_head)
         name = entry.arch
         data_config = _zoo_data_config(entry, size)
-    model.requires_grad_(False)
-    model.eval()
-    return Backbone(model=model, spec=spec.strip(), arch=name, data_config=data_config)
+    return model, name, data_config
 
 
 def _merge_img_size(parsed: BackboneSpec, img_size: int | None) -> int | None:

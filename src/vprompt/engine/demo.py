@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vprompt.backbones import load_backbone
 from vprompt.engine.config import resolve_config
-from vprompt.engine.run import RunResult, load_backbone_reproducibly, train_run
+from vprompt.engine.run import RunResult, train_run
 
 DEMO_BASE: dict[str, Any] = {
     "backbone": "zoo:dinov2-s",
@@ -61,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, quiet: bool = F
     """
     start = time.perf_counter()
     settings = {**DEMO_BASE, **(QUICK_OVERRIDES if quick else {})}
-    backbone = load_backbone_reproducibly(settings["backbone"], settings["img_size"])
+    backbone = load_backbone(settings["backbone"], settings["img_size"])
     runs: dict[str, RunResult] = {}
     for name, options in DEMO_RUNS.items():
         values = {**settings, **options}

@@ -23,13 +23,10 @@ IMAGE_SUFFIXES = frozenset(
 
 
 def load_task_model(task_dir: str | Path, device: str = "auto") -> PromptedModel:
-    """Load a task with its backbone (random-init specs rebuilt reproducibly), in eval mode."""
-    from vprompt.engine.run import load_backbone_reproducibly
-    from vprompt.tasks import load_task, read_task_info
+    """Load a task with its backbone, in eval mode."""
+    from vprompt.tasks import load_task
 
-    info = read_task_info(task_dir)
-    backbone = load_backbone_reproducibly(info.backbone_spec, img_size=info.img_size)
-    model = load_task(task_dir, backbone=backbone)
+    model = load_task(task_dir)
     return model.to(pick_device(device)).eval()
 
 

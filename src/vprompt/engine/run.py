@@ -32,8 +32,6 @@ from vprompt.engine.trainer import FitResult, LoopState, fit, resolved_schedule
 from vprompt.errors import ConfigError, TrainingError, VPromptError
 from vprompt.methods.base import PromptedModel
 
-RANDOM_BACKBONE_SEED = 0
-
 
 @dataclass
 class RunResult:
@@ -45,16 +43,9 @@ class RunResult:
     model: PromptedModel
 
 
-def load_backbone_reproducibly(spec: str, img_size: int | None = None) -> Backbone:
-    """`load_backbone` with torch's RNG fixed, so random-init specs give the same weights.
-
-    ``timm:NAME?pretrained=false`` draws its weights from torch's RNG; fixing it makes every
-    process (DDP ranks, a resumed run, ``vprompt eval``) build the same backbone, which the
-    task's weight fingerprint requires. The caller's RNG state is left untouched.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_BACKBONE_SEED)
-        return load_backbone(spec, img_size=img_size)
+load_backbone_reproducibly = load_backbone
+"""Former name of `vprompt.backbones.load_backbone`, which now seeds random-weight specs itself;
+kept so existing callers work."""
 
 
 @contextlib.contextmanager
@@ -177,7 +168,7 @@ def _execute(
 ) -> RunResult:
     start = time.perf_counter()
     checkpoint = None if fresh else load_checkpoint(run.path, map_location="cpu")
-    bb = backbone or load_backbone_reproducibly(cfg.backbone, cfg.img_size)
+    bb = backbone or load_backbone(cfg.backbone, cfg.img_size)
     splits = build_data(cfg, bb)
     model = build_model(cfg, bb, splits)
     cfg.method_options = model.config.to_dict()

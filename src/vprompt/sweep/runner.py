@@ -107,9 +107,9 @@ class _TrialSink:
 
 @functools.lru_cache(maxsize=2)
 def _cached_backbone(spec: str, img_size: int | None) -> Any:
-    from vprompt.engine import load_backbone_reproducibly
+    from vprompt.backbones import load_backbone
 
-    return load_backbone_reproducibly(spec, img_size)
+    return load_backbone(spec, img_size)
 
 
 def _fresh_backbone(spec: str, img_size: int | None) -> Any:
