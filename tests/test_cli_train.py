@@ -303,8 +303,77 @@ def test_resume_refuses_changed_options(
         ).exit_code
         == 0
     )
-    r = invoke("train", "--resume", run, "--lr", "0.5")
-    assert r.exit_code == 2 and "cannot change" in r.stderr
+    for flag, value in [("--lr", "0.5"), ("--data-seed", "3"), ("--no-test", None)]:
+        r = invoke("train", "--resume", run, flag, *([value] if value else []))
+        assert r.exit_code == 2 and "cannot change" in r.stderr, (flag, r.stderr)
+    r = invoke("train", "--resume", run, "--set", "data_seed=3")
+    assert r.exit_code == 2 and "drop --out, --config, --set" in r.stderr
+
+
+def test_no_test_and_data_seed_flags(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    extra = ["--method", "linear", "--epochs", "1", "--train-size", "12", "--quiet"]
+    r = invoke(
+        *train_args(tiny_vit_spec, tiny_data_spec, run, *extra, "--no-test", "--data-seed", "2")
+    )
+    assert r.exit_code == 0, r.output
+    assert "test top-1 n/a" in r.stdout
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["evaluate_test"] is False and cfg["data_seed"] == 2 and cfg["seed"] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"] is None and summary["data_seed"] == 2 and summary["complete"]
+
+
+def test_one_option_merge_for_train_sweep_and_suite(tmp_path: Path) -> None:
+    from vprompt.cli import sweep as sweep_cli
+    from vprompt.cli.train import option_values
+    from vprompt.errors import ConfigError
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "backbone": "b",
+                "data": "d",
+                "method": "spt-deep",
+                "data_seed": 1,
+                "epochs": 7,
+                "lr": 0.5,
+                "merge_train_val": False,
+                "method_options": {"prompt_len": 4, "init": "normal"},
+            }
+        )
+    )
+    flags = {
+        "config": conf,
+        "set_": ["data_seed=3", "eval_every=2", "strategy=kmeans", "seed=2"],
+        "prompt_len": 9,
+        "epochs": 2,
+        "seed": None,  # not given
+        "out": tmp_path,  # not a training option
+        "quiet": True,
+    }
+    expected = {
+        "backbone": "b",
+        "data": "d",
+        "method": "spt-deep",
+        "data_seed": 3,  # a training option by its YAML name: --set beats the file
+        "eval_every": 2,
+        "epochs": 2,
+        "lr": 0.5,
+        "merge_train_val": False,
+        # seed is also an option of SPT's (prototype sampling), so --set seed= stays one
+        "method_options": {"prompt_len": 9, "init": "normal", "strategy": "kmeans", "seed": 2},
+    }
+    assert option_values(flags) == expected
+    # sweep and suite merge the same way, less what the protocol sets (lr is searched)
+    assert sweep_cli.train_values(flags) == {
+        k: v for k, v in expected.items() if k not in ("lr", "merge_train_val")
+    }
+    with pytest.raises(ConfigError, match="both as a flag and with --set"):
+        option_values({**flags, "data_seed": 3})
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 import vprompt.methods  # noqa: F401  (registers the methods)
@@ -38,7 +40,7 @@ from vprompt.engine.optim import WarmupCosine, build_optimizer, param_groups
 from vprompt.engine.run import build_data, build_model
 from vprompt.engine.rundir import RunDir, read_jsonl
 from vprompt.engine.sampling import EpochBatches, global_batches, local_chunk, steps_per_epoch
-from vprompt.errors import ConfigError, TrainingError
+from vprompt.errors import ConfigError, DataError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -326,3 +328,173 @@ def test_eval_every_skips_validation_but_not_the_last(
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [m["val_top1"] is not None for m in metrics] == [False, True, True]
     assert (tmp_path / "run" / "curves.png").is_file()
+
+
+# ------------------------------------------------------------------------------- data seed
+
+
+def _images(splits) -> dict[str, list[str]]:
+    """The names of the images of every split."""
+    return {
+        k: sorted(ds.records.name(i) for i in range(len(ds))) for k, ds in splits.datasets().items()
+    }
+
+
+def test_data_seed_draws_the_images_and_seed_only_the_init(tiny_vit_spec: str) -> None:
+    data = "builtin:digits?val=0.2&test=0.2"  # val and test carved from one pool, then subsampled
+    sizes = {"train_size": 60, "val_size": 20, "test_size": 20}
+
+    def build(**seeds: int):
+        _, model, splits = _model_and_splits(base_values(tiny_vit_spec, data, **sizes, **seeds))
+        return _images(splits), model.task_state_dict()
+
+    a_images, a_init = build(seed=0, data_seed=5)
+    b_images, b_init = build(seed=1, data_seed=5)
+    c_images, c_init = build(seed=0, data_seed=6)
+    assert set(a_images) == {"train", "val", "test"}
+    assert a_images == b_images  # another seed trains and tests on the same images
+    assert not torch.equal(a_init["method.prompts"], b_init["method.prompts"])
+    assert all(a_images[k] != c_images[k] for k in a_images)  # another data seed draws others
+    assert all(torch.equal(a_init[k], c_init[k]) for k in a_init)  # with the same init
+
+
+# ------------------------------------------------------------------------------- epoch hook
+
+
+def _hook_values(backbone: str, data: str) -> dict[str, object]:
+    values = base_values(
+        backbone,
+        data,
+        epochs=3,
+        augment="flip-crop",
+        deterministic=True,
+        data_seed=3,
+        train_size=18,
+        val_size=9,
+    )
+    values["method_options"] = {"prompt_dropout": 0.1}  # consumes the RNG: resume must restore it
+    return values
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        ra, rb = read_jsonl(a / name), read_jsonl(b / name)
+        assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+        for x, y in zip(ra, rb, strict=True):
+            for key in ("train_loss", "train_top1", "val_top1", "loss", "lr"):
+                if x.get(key) is not None or y.get(key) is not None:
+                    assert math.isclose(x[key], y[key], abs_tol=1e-6), (name, key, x, y)
+    ta = load_file(str(a / "task" / "task.safetensors"))
+    tb = load_file(str(b / "task" / "task.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k].float(), tb[k].float(), atol=1e-6), k
+
+
+def test_epoch_hook_sees_every_epoch_once_logged_and_checkpointed(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    import random
+
+    import numpy as np
+
+    values = _hook_values(tiny_vit_spec, tiny_data_spec)
+    train_run(dict(values), tmp_path / "ref", quiet=True)
+    run = tmp_path / "run"
+    seen: list[tuple[int, dict, dict, dict]] = []
+
+    def watch(epoch: int, record: dict) -> None:
+        logged = read_jsonl(run / "metrics.jsonl")[-1]
+        seen.append((epoch, record, logged, json.loads((run / "checkpoint.json").read_text())))
+        torch.rand(5), np.random.rand(), random.random()  # must not change training
+
+    res = train_run(dict(values), run, quiet=True, on_epoch_end=watch)
+    assert [epoch for epoch, *_ in seen] == [1, 2, 3]
+    for epoch, record, logged, ckpt in seen:
+        assert record == logged and record["epoch"] == epoch and "val_top1" in record
+        assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (epoch, 0)
+    assert [record for _, record, *_ in seen] == res.fit.history
+    assert res.summary["complete"] and res.summary["stopped_at_epoch"] is None
+    _assert_same_training(tmp_path / "ref", run)
+
+
+def test_epoch_hook_stop_then_resume_matches_uninterrupted(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    values = _hook_values(tiny_vit_spec, tiny_data_spec)
+    ref = train_run(dict(values), tmp_path / "ref", quiet=True)
+    cut = tmp_path / "cut"
+    stopped = train_run(dict(values), cut, quiet=True, on_epoch_end=lambda epoch, _r: epoch < 1)
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["complete"] is False and summary["stopped_at_epoch"] == 1
+    assert summary["final_epoch"]["epoch"] == 1 and summary["epochs"] == 3
+    assert stopped.fit.stopped_at_epoch == 1 and not stopped.fit.complete
+    assert json.loads((cut / "checkpoint.json").read_text()) == {
+        "epoch": 1,
+        "step_in_epoch": 0,
+        "global_step": 3,
+        "complete": False,
+    }
+    assert [r["epoch"] for r in read_jsonl(cut / "metrics.jsonl")] == [1]
+    assert (cut / "task" / "task.json").is_file()  # a consistent run dir: task of epoch 1
+
+    resumed = resume_run(cut, quiet=True)
+    assert resumed.summary["complete"] and resumed.summary["stopped_at_epoch"] is None
+    assert resumed.summary["data_seed"] == 3 and resumed.summary["seed"] == 0
+    assert yaml.safe_load((cut / "config.yaml").read_text())["data_seed"] == 3
+    assert resumed.summary["test"]["top1"] == ref.summary["test"]["top1"]
+    assert resumed.summary["val"]["top1"] == ref.summary["val"]["top1"]
+    _assert_same_training(tmp_path / "ref", cut)
+
+
+# ------------------------------------------------------------------------------- without test
+
+
+def _broken_test_folder(src: Path, dst: Path) -> str:
+    """A copy of ``src`` whose test images are not images (reading any of them raises)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for f in (dst / "test").rglob("*.png"):
+        f.write_bytes(b"not a png")
+    return f"folder:{dst}"
+
+
+def test_no_test_never_reads_the_test_split(
+    tiny_vit_spec: str, tiny_image_folder: Path, tmp_path: Path
+) -> None:
+    data = _broken_test_folder(tiny_image_folder, tmp_path / "data")
+    with_test = resolve_config(base_values(tiny_vit_spec, data, method="linear"))
+    splits = build_data(with_test, load_backbone(tiny_vit_spec))
+    with pytest.raises(DataError):
+        splits.test[0]  # the test split is really broken
+    values = base_values(tiny_vit_spec, data, method="linear", evaluate_test=False, skip_bad=True)
+    res = train_run(values, tmp_path / "run", quiet=True)
+    assert res.fit.test is None and res.summary["test"] is None
+    assert res.summary["val"]["n"] == 12
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["evaluate_test"] is False
+
+
+# ------------------------------------------------------------------------------- SPT preparation
+
+
+def test_spt_prototypes_ignore_augmentation_and_seed(
+    tiny_vit_spec: str, tiny_data_spec: str
+) -> None:
+    from vprompt.engine.distributed import DistInfo
+    from vprompt.engine.progress import Reporter
+    from vprompt.engine.trainer import prepare_method, seed_everything
+
+    def prototypes(augment: str, seed: int) -> torch.Tensor:
+        values = base_values(
+            tiny_vit_spec, tiny_data_spec, method="spt-deep", augment=augment, seed=seed
+        )
+        values["method_options"] = {"strategy": "mean-pool", "prompt_len": 2}
+        cfg, model, splits = _model_and_splits(values)
+        seed_everything(seed)
+        prepare_method(model, splits, cfg, DistInfo(device=torch.device("cpu")), Reporter())
+        return model.method.prompts.detach().clone()
+
+    plain = prototypes("none", 0)
+    assert torch.equal(prototypes("flip-crop", 0), plain)
+    assert torch.equal(prototypes("flip-crop", 1), plain)

@@ -69,6 +69,7 @@ class ScriptedRunner:
         self.diverge_lr = diverge_lr
         self.events: list[tuple[Any, ...]] = []
         self.executions: list[tuple[float, float, int, int]] = []
+        self.values: list[dict[str, Any]] = []
 
     def advance(self, values: dict[str, Any], target: int, trial_dir: Path) -> TrialProgress:
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,8 @@ class ScriptedRunner:
         done = json.loads(state.read_text()) if state.exists() else 0
         if self.kill_after is not None and len(self.executions) >= self.kill_after:
             raise Killed
-        assert values["merge_train_val"] is False
+        assert values["merge_train_val"] is False and values["evaluate_test"] is False
+        self.values.append(values)
         self.events.append(("search", values["lr"], values["wd"], "train", "val"))
         self.executions.append((values["lr"], values["wd"], done, target))
         val = self.curve(values["lr"], values["wd"], target)
@@ -86,7 +88,8 @@ class ScriptedRunner:
         return TrialProgress(val, [{"epoch": e + 1} for e in range(target)], target - done)
 
     def final(self, values: dict[str, Any], run_dir: Path) -> FinalRun:
-        assert values["merge_train_val"] is True
+        assert values["merge_train_val"] is True and values["evaluate_test"] is True
+        self.values.append(values)
         self.events.append(
             ("final", values["lr"], values["wd"], "train+val", "test", values["seed"])
         )
@@ -182,6 +185,32 @@ def test_search_uses_train_val_and_test_only_after_the_choice(tmp_path: Path) ->
     finals = runner.events[first_final:]
     assert all(e[1:5] == (0.5, 0.0, "train+val", "test") for e in finals)
     assert [e[5] for e in finals] == [7, 8] and result.spec.final_seeds == [7, 8]
+
+
+def test_final_seeds_vary_the_seed_only_and_data_seed_names_the_study(tmp_path: Path) -> None:
+    runner = ScriptedRunner()
+    values = {"seed": 7, "data_seed": 2}
+    sweep(tmp_path, runner, lrs="0.1,0.5", wds="0", seeds=3, values=values)
+    assert {v["data_seed"] for v in runner.values} == {2}  # search and finals: the same images
+    finals = [v for v in runner.values if v["merge_train_val"]]
+    assert [v["seed"] for v in finals] == [7, 8, 9]
+    changed = [k for k in finals[0] if any(v[k] != finals[0][k] for v in finals)]
+    assert changed == ["seed"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data_seed"] == 2 and "notes" not in summary
+
+    from vprompt.engine import resolve_config
+
+    spec = SweepSpec(dict(BASE))
+    point = spec.points[0]
+
+    def name(**kw: Any) -> str:
+        return spec.study_name(resolve_config({**spec.search_values(point), **kw}).to_dict())
+
+    assert name(data_seed=1) != name(data_seed=0) != name(seed=1)  # they change results
+    assert name(data_seed=0) == name() == name(workers=2, eval_batch_size=64)
+    with pytest.raises(ConfigError, match="sets"):
+        SweepSpec({**BASE, "evaluate_test": False})
 
 
 # ------------------------------------------------------------------------- resume
@@ -423,6 +452,10 @@ def test_cli_sweep_takes_train_flags_with_grids(
         "2",
         "--search",
         "halving",
+        "--set",
+        "data_seed=3",
+        "--prompt-len",
+        "2",
         "--out",
         str(tmp_path / "o"),
         "--quiet",
@@ -430,8 +463,15 @@ def test_cli_sweep_takes_train_flags_with_grids(
     res = CliRunner().invoke(_app(), args)
     assert res.exit_code == 0, res.output
     assert "chose lr 0.5 wd 0" in res.output and "over 2 seed(s)" in res.output
-    bad = CliRunner().invoke(_app(), [*args[:-3], "--lr", "0.1,x", "--out", str(tmp_path / "p")])
-    assert bad.exit_code == 2 and "every value must be a number" in bad.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["data_seed"] == 3 and summary["training"]["method_options"] == {"prompt_len": 2}
+    for extra, needle in [
+        (["--lr", "0.1,x"], "every value must be a number"),
+        (["--set", "lr=0.5"], "a sweep searches ['lr']"),
+        (["--no-test"], "No such option"),  # the protocol decides when test is evaluated
+    ]:
+        bad = CliRunner().invoke(_app(), [*args[:-3], *extra, "--out", str(tmp_path / "p")])
+        assert bad.exit_code == 2 and needle in bad.output, bad.output
 
 
 def test_cli_suite_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -454,6 +494,8 @@ def test_cli_suite_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             "0",
             "--seeds",
             "1",
+            "--data-seed",
+            "4",
             "--out",
             str(tmp_path / "o"),
             "--quiet",
@@ -461,6 +503,11 @@ def test_cli_suite_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     )
     assert res.exit_code == 0, res.output
     assert "| linear |" in res.output and "suite: 2 method(s) x 1 dataset(s)" in res.output
+    for method in ("vpt-deep", "linear"):
+        sweep_summary = json.loads(
+            (tmp_path / "o" / method / "digits" / "summary.json").read_text()
+        )
+        assert sweep_summary["data_seed"] == 4
 
 
 # ------------------------------------------------------------------------- the real engine
@@ -506,6 +553,36 @@ def test_engine_sweep_touches_test_only_after_the_choice(
     assert config["merge_train_val"] and config["resolved"]["train_images"] == 48 + 24
     assert (Path(result.finals[0].task_dir) / "task.json").is_file()
     assert not any((tmp_path / "o" / "trials").iterdir())  # finished trials drop checkpoints
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_engine_search_never_reads_test(tmp_path: Path, tiny_image_folder: Path) -> None:
+    import shutil
+
+    from vprompt.errors import DataError
+    from vprompt.sweep.runner import EngineRunner
+
+    shutil.copytree(tiny_image_folder, tmp_path / "data")
+    for f in (tmp_path / "data" / "test").rglob("*.png"):
+        f.write_bytes(b"not a png")  # any read of a test image raises
+    values = {
+        **TINY,
+        "data": f"folder:{tmp_path / 'data'}",
+        "train_size": None,
+        "val_size": None,
+        "test_size": None,
+        "batch_size": 8,
+        "skip_bad": True,  # would decode every image of every split it builds
+    }
+    spec = SweepSpec(values, lrs="0.5,5", wds="0", search="halving", eta=2, seeds=0)
+    result = run_sweep(spec, tmp_path / "o")  # search only: never reads a test image
+    assert sorted(t.outcome for t in result.trials) == ["complete", "pruned"]
+    progress = EngineRunner().advance(  # even when asked to: a search trial has no test split
+        {**spec.search_values(spec.points[0]), "evaluate_test": True}, 1, tmp_path / "t"
+    )
+    assert progress.epochs == 1 and progress.val[0] >= 0
+    with pytest.raises(DataError, match="unreadable"):  # the final run does read test
+        run_sweep(SweepSpec(values, lrs="0.5,5", wds="0", seeds=1), tmp_path / "o2")
 
 
 @pytest.mark.slow

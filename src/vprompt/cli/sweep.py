@@ -30,6 +30,7 @@ DROPPED_TRAIN_FLAGS = (
     "overwrite",
     "merge_train_val",
     "select",
+    "evaluate_test",
     "workers",
 )
 """``vprompt train`` flags a sweep does not take: searched, replaced, or set by the protocol."""
@@ -126,23 +127,13 @@ SUITE_KEYS = tuple(p.name for p in _parameters(_suite_flags))
 
 
 def train_values(flags: dict[str, Any]) -> dict[str, Any]:
-    """Training options from train's flags, exactly as ``vprompt train`` merges them."""
-    from vprompt.engine import load_config_file, merge_options, parse_set_options
-
-    flags = dict(flags)
-    set_, prompt_len, config = (
-        flags.pop("set_", None),
-        flags.pop("prompt_len", None),
-        flags.pop("config", None),
-    )
-    flags.pop("quiet", None)
-    method_options = parse_set_options(set_)
-    if prompt_len is not None:
-        method_options["prompt_len"] = prompt_len
-    file_values = strip_protocol(load_config_file(config)) if config else {}
-    return merge_options(
-        file_values, {**train_cli.cli_values(**flags), "method_options": method_options}
-    )
+    """Training options from train's flags, merged as ``vprompt train`` merges them (a config
+    file's protocol options dropped by `strip_protocol`)."""
+    values = train_cli.option_values(flags, file_filter=strip_protocol)
+    searched = sorted({"lr", "wd"} & set(values))  # only --set can bring them here
+    if searched:
+        raise ConfigError(f"a sweep searches {searched}: give the grid with --lr / --wd, not --set")
+    return values
 
 
 def strip_protocol(values: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +144,8 @@ def strip_protocol(values: dict[str, Any]) -> dict[str, Any]:
         out.pop("merge_train_val")
     if out.get("select") == "last":
         out.pop("select")
+    if out.get("evaluate_test") is True:
+        out.pop("evaluate_test")
     return out
 
 
@@ -222,8 +215,6 @@ def _sweep_impl(**kwargs: Any) -> None:
                 study_name=opts["study_name"],
                 log=_logger(quiet),
             )
-        for note in result.notes:
-            typer.echo(f"note: {note}", err=True)
         return result.summary_line()
 
     _run(body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,6 +57,58 @@ def cli_values(**flags: Any) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
 
 
+RUN_FLAGS = ("out", "resume", "overwrite", "quiet")
+"""`train` parameters that steer the command rather than set a training option."""
+SOURCE_FLAGS = ("config", "set_", "prompt_len")
+"""`train` parameters that bring options (a file, ``KEY=VALUE`` items, a method option)."""
+
+
+def given_options(flags: dict[str, Any]) -> dict[str, Any]:
+    """The one-option flags among `train`'s parameters ``flags`` that the user passed."""
+    return cli_values(
+        **{k: v for k, v in flags.items() if k not in RUN_FLAGS and k not in SOURCE_FLAGS}
+    )
+
+
+def option_values(
+    flags: dict[str, Any], *, file_filter: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Training options from `train`'s parameters, merged as ``train``, ``sweep`` and ``suite`` do.
+
+    Precedence, lowest first: the ``--config`` file (passed through ``file_filter``), then the
+    command line: the flags actually given, ``--set`` items (a training option's name sets it as
+    its flag would; other names are method options, merged over the file's ``method_options``)
+    and ``--prompt-len``.
+
+    Args:
+        flags: `train`'s parameters by name, as typer passes them (None: not given); parameters
+            of other commands are ignored only if they are in `RUN_FLAGS`.
+        file_filter: adjusts the config file's values (the sweep drops what it sets itself).
+
+    Raises:
+        ConfigError: an option given both as a flag and with ``--set``, or a bad file or item.
+    """
+    from vprompt.engine.config import (
+        load_config_file,
+        merge_options,
+        parse_set_options,
+        split_set_options,
+    )
+
+    given = given_options(flags)
+    training, method_options = split_set_options(parse_set_options(flags.get("set_")))
+    twice = sorted(set(training) & set(given))
+    if twice:
+        raise ConfigError(f"{twice} given both as a flag and with --set; give each once")
+    if flags.get("prompt_len") is not None:
+        method_options["prompt_len"] = flags["prompt_len"]
+    config = flags.get("config")
+    file_values = load_config_file(config) if config else {}
+    if file_filter is not None:
+        file_values = file_filter(file_values)
+    return merge_options(file_values, {**given, **training, "method_options": method_options})
+
+
 Opt = typer.Option
 
 
@@ -76,7 +128,12 @@ def train(
     out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
     prompt_len: Annotated[int | None, Opt(help="Prompt tokens (prompt methods).")] = None,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Method option KEY=VALUE (YAML value), repeatable.")
+        list[str] | None,
+        Opt(
+            "--set",
+            help="KEY=VALUE (YAML value), repeatable: a method option, or a training option by "
+            "its YAML name.",
+        ),
     ] = None,
     config: Annotated[
         Path | None, Opt(help="YAML file of options; flags given here override it.")
@@ -105,7 +162,13 @@ def train(
     augment: Annotated[
         Literal["none", "flip-crop"] | None, Opt(help="Train augmentation (default: none).")
     ] = None,
-    seed: Annotated[int | None, Opt(help="Seed (default: 0).")] = None,
+    seed: Annotated[
+        int | None, Opt(help="Seed of the init, data order and augmentation (default: 0).")
+    ] = None,
+    data_seed: Annotated[
+        int | None,
+        Opt(help="Seed of the data subsets and carved val/test splits (default: 0)."),
+    ] = None,
     precision: Annotated[
         Literal["fp32", "bf16"] | None, Opt(help="fp32 or bf16 autocast (default: fp32).")
     ] = None,
@@ -153,6 +216,13 @@ def train(
     eval_every: Annotated[
         int | None, Opt(help="Validate every N epochs (and after the last) (default: 1).")
     ] = None,
+    evaluate_test: Annotated[
+        bool | None,
+        Opt(
+            "--test/--no-test",
+            help="Build and evaluate the test split at the end (default: on).",
+        ),
+    ] = None,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory.")] = None,
     overwrite: Annotated[bool, Opt(help="Replace an existing run directory.")] = False,
     quiet: Annotated[
@@ -160,66 +230,22 @@ def train(
     ] = False,
 ) -> None:
     """Train a task on a frozen backbone and write a run directory (see docs/training.md)."""
-    from vprompt.engine import (
-        load_config_file,
-        merge_options,
-        parse_set_options,
-        resolve_config,
-        resume_run,
-        train_run,
-    )
+    flags = dict(locals())  # every flag as typer passed it (None: not given); must come first
+    from vprompt.engine import resolve_config, resume_run, train_run
     from vprompt.engine.run import final_line
 
-    flags = cli_values(
-        backbone=backbone,
-        data=data,
-        method=method,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        wd=wd,
-        optimizer=optimizer,
-        lr_scaling=lr_scaling,
-        warmup_epochs=warmup_epochs,
-        min_lr=min_lr,
-        grad_clip=grad_clip,
-        img_size=img_size,
-        augment=augment,
-        seed=seed,
-        precision=precision,
-        compile=compile,
-        grad_checkpointing=grad_checkpointing,
-        workers=workers,
-        train_size=train_size,
-        val_size=val_size,
-        test_size=test_size,
-        merge_train_val=merge_train_val,
-        skip_bad=skip_bad,
-        device=device,
-        ckpt_every_steps=ckpt_every_steps,
-        select=select,
-        feature_cache=feature_cache,
-        deterministic=deterministic,
-        eval_batch_size=eval_batch_size,
-        eval_every=eval_every,
-    )
     with cli_errors(resume_hint=resume or out):
-        method_options = parse_set_options(set_)
-        if prompt_len is not None:
-            method_options["prompt_len"] = prompt_len
         if resume is not None:
-            if out is not None or config is not None or method_options or overwrite:
+            if out is not None or config is not None or set_ or prompt_len is not None or overwrite:
                 raise ConfigError(
-                    "--resume takes the run's own config.yaml; drop --out, --config, --set, --overwrite"
+                    "--resume takes the run's own config.yaml; drop --out, --config, --set, "
+                    "--prompt-len, --overwrite"
                 )
-            result = resume_run(resume, quiet=quiet, overrides=flags)
+            result = resume_run(resume, quiet=quiet, overrides=given_options(flags))
         else:
             if out is None:
                 raise ConfigError("missing --out RUN_DIR (or --resume RUN_DIR to continue a run)")
-            file_values = load_config_file(config) if config else {}
-            cfg = resolve_config(
-                merge_options(file_values, {**flags, "method_options": method_options})
-            )
+            cfg = resolve_config(option_values(flags))
             result = train_run(cfg, out, overwrite=overwrite, quiet=quiet)
         if _is_main_rank():
             typer.echo(final_line(result.summary, result.run_dir))

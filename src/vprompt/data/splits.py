@@ -9,8 +9,13 @@ files exist -> attach transforms.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
 
 from vprompt.backbones.base import DataConfig
 from vprompt.data.dataset import ImageDataset
@@ -38,11 +43,13 @@ class DataSplits:
     Attributes:
         train: training images (train + val when built with ``merge_train_val``).
         val: validation images; None after ``merge_train_val`` or with ``?val=0``.
-        test: test images; None only with ``?test=0``.
+        test: test images; None with ``?test=0`` or when built without the test split.
         class_names: one name per class index.
         spec: the spec string the splits were built from.
         layout: what was found at the source.
         skipped: per split, the names of images dropped by ``skip_bad``.
+        eval_transform: the deterministic preprocessing of val and test (and of train when it
+            is not augmented).
     """
 
     train: ImageDataset
@@ -52,10 +59,18 @@ class DataSplits:
     spec: str = ""
     layout: str = ""
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    eval_transform: Callable[[Image.Image], torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def unaugmented_train(self) -> Dataset:
+        """The train images as evaluation reads them (no random crop or flip), e.g. to
+        initialise prompts from data; ``train`` itself when it is not an `ImageDataset`."""
+        if self.eval_transform is None or not isinstance(self.train, ImageDataset):
+            return self.train
+        return ImageDataset(self.train.records, self.eval_transform, self.class_names)
 
     def datasets(self) -> dict[str, ImageDataset]:
         """The splits that exist, by name."""
@@ -97,6 +112,7 @@ def build_splits(
     seed: int = 0,
     skip_bad: bool = False,
     merge_train_val: bool = False,
+    with_test: bool = True,
 ) -> DataSplits:
     """Build train / val / test datasets from a spec string.
 
@@ -112,6 +128,9 @@ def build_splits(
         seed: the data seed: carving and subsampling are a function of it alone.
         skip_bad: decode every file up front and drop the unreadable ones (with a warning).
         merge_train_val: train on train + val (VTAB ``train800val200``); val becomes None.
+        with_test: False leaves the test split out (None) without reading, subsampling or
+            checking any of it; a test split carved from the train pool is still carved, so
+            train and val are the same images either way.
 
     Raises:
         DataError: bad spec, missing or malformed source, unreadable file, or a size larger
@@ -125,9 +144,12 @@ def build_splits(
     pools = source.pools()
     skipped: dict[str, list[str]] = {}
     if skip_bad:
-        pools, skipped = _drop_bad(pools, parsed.text)
+        checked = {k: v for k, v in pools.items() if with_test or k != "test"}
+        kept, skipped = _drop_bad(checked, parsed.text)
+        pools = {**pools, **kept}
     carved = _carve_missing(pools, parsed, seed)
-    chosen = {s: _subsample(s, pools, sizes[s], seed, parsed, carved) for s in SPLITS if s in pools}
+    wanted = [s for s in SPLITS if s in pools and (with_test or s != "test")]
+    chosen = {s: _subsample(s, pools, sizes[s], seed, parsed, carved) for s in wanted}
     if merge_train_val:
         chosen = _merge(chosen, pools, sizes, seed, parsed)
     if not skip_bad:
@@ -288,5 +310,5 @@ def _to_splits(
     train = dataset("train")
     assert train is not None
     return DataSplits(
-        train, dataset("val"), dataset("test"), names, spec.text, source.layout, skipped
+        train, dataset("val"), dataset("test"), names, spec.text, source.layout, skipped, eval_tf
     )

@@ -24,11 +24,12 @@ from vprompt.engine.inference import (
     predict_images,
 )
 from vprompt.engine.run import RunResult, load_backbone_reproducibly, resume_run, train_run
-from vprompt.engine.trainer import FitResult, TrainingInterrupted, fit
+from vprompt.engine.trainer import EpochHook, FitResult, TrainingInterrupted, fit
 
 __all__ = [
     "METHOD_DEFAULTS",
     "DemoResult",
+    "EpochHook",
     "FitResult",
     "MethodDefaults",
     "Predictions",

@@ -122,6 +122,8 @@ class TrainConfig:
         img_size: image side in pixels (the backbone's default when None).
         augment: ``none`` or ``flip-crop`` (random crop + horizontal flip on train).
         seed: seeds the head/prompt init, the data order and the augmentation.
+        data_seed: draws the data subsets (``train_size``...) and the val / test splits carved
+            from a train pool; runs that differ only in ``seed`` see the same images.
         precision: ``fp32`` or ``bf16`` autocast.
         compile: wrap the model in ``torch.compile``.
         grad_checkpointing: recompute activations in backward to save memory.
@@ -137,6 +139,8 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms(True)``.
         eval_batch_size: batch for evaluation (``batch_size`` when None).
         eval_every: validate every N epochs (the last epoch always).
+        evaluate_test: build the test split and evaluate the selected weights on it at the end;
+            False never reads a test image (sweep search trials).
     """
 
     backbone: str = ""
@@ -156,6 +160,7 @@ class TrainConfig:
     img_size: int | None = None
     augment: Augment = "none"
     seed: int = 0
+    data_seed: int = 0
     precision: Precision = "fp32"
     compile: bool = False
     grad_checkpointing: bool = False
@@ -172,6 +177,7 @@ class TrainConfig:
     deterministic: bool = False
     eval_batch_size: int | None = None
     eval_every: int = 1
+    evaluate_test: bool = True
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -234,7 +240,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("lr must be > 0")
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
-    for name in ("workers", "ckpt_every_steps", "seed"):
+    for name in ("workers", "ckpt_every_steps", "seed", "data_seed"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.epochs is not None and cfg.warmup_epochs is not None and cfg.warmup_epochs > cfg.epochs:
@@ -346,6 +352,32 @@ def parse_set_options(items: list[str] | None) -> dict[str, Any]:
                 f"--set {item!r}: the value is not a YAML scalar or list ({e})"
             ) from e
     return out
+
+
+def split_set_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parsed ``--set`` values as (training options, method options).
+
+    A key is a training option when it names a `TrainConfig` field that no registered method has
+    as an option of its own: ``--set data_seed=3`` sets the training field, while ``--set seed=3``
+    stays SPT's prototype-sampling seed (the training seed is ``--seed``, or ``seed:`` in YAML).
+    """
+    method_keys = method_option_names()
+    training = {
+        k: v
+        for k, v in options.items()
+        if k in FIELD_NAMES and k != "method_options" and k not in method_keys
+    }
+    return training, {k: v for k, v in options.items() if k not in training}
+
+
+def method_option_names() -> frozenset[str]:
+    """Every option name of every registered method's config."""
+    import vprompt.methods  # noqa: F401  (registers the built-in methods)
+    from vprompt.methods.registry import get_method_class, list_methods
+
+    return frozenset(
+        f.name for m in list_methods() for f in dataclasses.fields(get_method_class(m).config_class)
+    )
 
 
 def _number_or_value(value: Any) -> Any:

@@ -64,7 +64,7 @@ def evaluate_task(
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: DataLoader workers.
         seed: data seed (how val/test are carved from a pool and subsampled); by default the
-            seed the task was trained with, so a carved split is the same one as in training.
+            task's training ``data_seed``, so a carved split is the same one as in training.
     """
     from vprompt.data import build_splits
 
@@ -73,7 +73,8 @@ def evaluate_task(
     if seed is None:
         from vprompt.tasks import read_task_info
 
-        seed = int(read_task_info(task_dir).extra.get("config", {}).get("seed", 0))
+        config = read_task_info(task_dir).extra.get("config", {})
+        seed = int(config.get("data_seed", config.get("seed", 0)))  # older tasks: seed
     splits = build_splits(
         data,
         data_config=info.data_config,

@@ -28,7 +28,7 @@ from vprompt.engine.config import (
 from vprompt.engine.distributed import DistInfo, broadcast_flag, init_distributed
 from vprompt.engine.progress import Reporter
 from vprompt.engine.rundir import CONFIG, RunDir
-from vprompt.engine.trainer import FitResult, LoopState, fit, resolved_schedule
+from vprompt.engine.trainer import EpochHook, FitResult, LoopState, fit, resolved_schedule
 from vprompt.errors import ConfigError, TrainingError, VPromptError
 from vprompt.methods.base import PromptedModel
 
@@ -61,7 +61,7 @@ def on_main(info: DistInfo) -> Iterator[None]:
 
 
 def build_data(cfg: TrainConfig, backbone: Backbone) -> Any:
-    """The splits, preprocessed as the backbone expects."""
+    """The splits, preprocessed as the backbone expects (no test split unless evaluated)."""
     from vprompt.data import build_splits
 
     return build_splits(
@@ -72,9 +72,10 @@ def build_data(cfg: TrainConfig, backbone: Backbone) -> Any:
         train_size=cfg.train_size,
         val_size=cfg.val_size,
         test_size=cfg.test_size,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
         skip_bad=cfg.skip_bad,
         merge_train_val=cfg.merge_train_val,
+        with_test=cfg.evaluate_test,
     )
 
 
@@ -115,7 +116,7 @@ def describe_setup(
         f"({resolved['warmup_steps']} steps) then cosine to {cfg.min_lr:g}",
         f"device {info.device}"
         + (f", {info.world} processes" if info.enabled else "")
-        + f", precision {cfg.precision}, seed {cfg.seed}",
+        + f", precision {cfg.precision}, seed {cfg.seed}, data seed {cfg.data_seed}",
     ]
 
 
@@ -132,6 +133,8 @@ def build_summary(
         "method": cfg.method,
         "backbone": cfg.backbone,
         "data": cfg.data,
+        "seed": cfg.seed,
+        "data_seed": cfg.data_seed,
         "selected": {"rule": cfg.select, "epoch": result.selected_epoch},
         "best_val": {
             "epoch": result.best_epoch,
@@ -141,6 +144,8 @@ def build_summary(
             ),
         },
         "final_epoch": last,
+        "complete": result.complete,
+        "stopped_at_epoch": result.stopped_at_epoch,
         "val": brief(result.val),
         "test": None
         if result.test is None
@@ -165,6 +170,7 @@ def _execute(
     fresh: bool,
     backbone: Backbone | None,
     step_hook: Callable[[LoopState], None] | None,
+    on_epoch_end: EpochHook | None,
 ) -> RunResult:
     start = time.perf_counter()
     checkpoint = None if fresh else load_checkpoint(run.path, map_location="cpu")
@@ -196,6 +202,7 @@ def _execute(
         reporter=reporter,
         checkpoint=checkpoint,
         step_hook=step_hook,
+        on_epoch_end=on_epoch_end,
     )
     summary = build_summary(cfg, model, result, time.perf_counter() - start, info)
     if info.is_main:
@@ -216,8 +223,10 @@ def final_line(summary: dict[str, Any], run_dir: Path) -> str:
 
     size = summary.get("task_size_bytes")
     size_s = f", task {size / 1024:.1f} KiB" if size else ""
+    stopped = summary.get("stopped_at_epoch")
+    head = "done" if stopped is None else f"stopped after epoch {stopped} of {summary['epochs']}"
     return (
-        f"done: val top-1 {pct(summary['val'])}, test top-1 {pct(summary['test'])}{size_s} "
+        f"{head}: val top-1 {pct(summary['val'])}, test top-1 {pct(summary['test'])}{size_s} "
         f"-> {run_dir}"
     )
 
@@ -230,6 +239,7 @@ def train_run(
     quiet: bool = False,
     backbone: Backbone | None = None,
     step_hook: Callable[[LoopState], None] | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> RunResult:
     """Train a task and write a run directory.
 
@@ -240,6 +250,9 @@ def train_run(
         quiet: no progress bar, no informational lines.
         backbone: a loaded backbone to reuse (must match ``config.backbone``).
         step_hook: called after every optimizer step (fault-injection in tests).
+        on_epoch_end: ``fn(epoch, record)`` after each epoch is logged and checkpointed;
+            returning False stops there: the summary and task cover the epochs so far
+            (``summary["stopped_at_epoch"]``) and `resume_run` continues to the last epoch.
 
     Returns:
         The `RunResult`; ``summary`` is also in ``out/summary.json``.
@@ -251,7 +264,16 @@ def train_run(
     with on_main(info):
         if info.is_main:
             run.create(overwrite=overwrite)
-    return _execute(cfg, run, info, reporter, fresh=True, backbone=backbone, step_hook=step_hook)
+    return _execute(
+        cfg,
+        run,
+        info,
+        reporter,
+        fresh=True,
+        backbone=backbone,
+        step_hook=step_hook,
+        on_epoch_end=on_epoch_end,
+    )
 
 
 def resume_run(
@@ -260,6 +282,7 @@ def resume_run(
     quiet: bool = False,
     overrides: dict[str, Any] | None = None,
     step_hook: Callable[[LoopState], None] | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> RunResult:
     """Continue a run from its ``checkpoint.pt`` with the options in its ``config.yaml``.
 
@@ -268,6 +291,7 @@ def resume_run(
         quiet: no progress bar, no informational lines.
         overrides: options that do not change results (``device``, ``workers``).
         step_hook: called after every optimizer step.
+        on_epoch_end: as for `train_run`.
     """
     allowed = {"device", "workers", "eval_batch_size"}
     bad = sorted(set(overrides or {}) - allowed)
@@ -282,6 +306,7 @@ def resume_run(
             f"{run.path} is not a run directory (no {CONFIG}); check the --resume path"
         )
     values = load_config_file(run.path / CONFIG)
+    values.setdefault("data_seed", values.get("seed", 0))  # older runs drew their data from seed
     values.update(overrides or {})
     try:
         cfg = resolve_config(values)
@@ -289,4 +314,13 @@ def resume_run(
         raise ConfigError(f"{run.path / CONFIG} no longer resolves: {e}") from e
     info = init_distributed(cfg.device)
     reporter = Reporter(quiet=quiet, enabled=info.is_main)
-    return _execute(cfg, run, info, reporter, fresh=False, backbone=None, step_hook=step_hook)
+    return _execute(
+        cfg,
+        run,
+        info,
+        reporter,
+        fresh=False,
+        backbone=None,
+        step_hook=step_hook,
+        on_epoch_end=on_epoch_end,
+    )

@@ -30,6 +30,7 @@ from vprompt.engine.distributed import (
     DistInfo,
     GlobalBatchNorm1d,
     all_reduce_sum,
+    broadcast_flag,
     broadcast_tensors,
     globalize_batchnorm,
     pick_device,
@@ -41,6 +42,10 @@ from vprompt.engine.progress import Reporter
 from vprompt.engine.sampling import EpochBatches, SeededItems, steps_per_epoch
 from vprompt.errors import ConfigError, TrainingError
 from vprompt.methods.base import PromptedModel
+
+EpochHook = Callable[[int, dict[str, Any]], bool | None]
+"""``on_epoch_end(epoch, record)``: called after each epoch (1-based) is logged and checkpointed,
+with the epoch's ``metrics.jsonl`` record; returning False stops training there."""
 
 STEP_DELAY_ENV = "VPROMPT_DEBUG_STEP_DELAY"
 """Seconds to sleep after every optimizer step: a testing aid to kill a run at a known point."""
@@ -98,6 +103,8 @@ class FitResult:
         train_seconds: time spent in training epochs (this session, plus before a resume).
         steps: optimizer steps taken.
         resolved: derived settings (actual lr, warm-up steps...).
+        stopped_at_epoch: the epoch after which ``on_epoch_end`` stopped training before the
+            last one (its checkpoint resumes the run); None when every epoch ran.
     """
 
     history: list[dict[str, Any]]
@@ -109,6 +116,12 @@ class FitResult:
     train_seconds: float
     steps: int
     resolved: dict[str, Any]
+    stopped_at_epoch: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether training ran all its epochs."""
+        return self.stopped_at_epoch is None
 
 
 @dataclass
@@ -187,12 +200,17 @@ def build_stage(
 
 
 def prepare_method(
-    model: PromptedModel, train: Dataset, cfg: TrainConfig, info: DistInfo, reporter: Reporter
+    model: PromptedModel, splits: Any, cfg: TrainConfig, info: DistInfo, reporter: Reporter
 ) -> None:
-    """Data-dependent initialisation (SPT prototypes) on rank 0, then shared with every rank."""
+    """Data-dependent initialisation (SPT prototypes) on rank 0, then shared with every rank.
+
+    It reads the train images with the evaluation transform, so augmentation (and so the seed)
+    does not move the prototypes.
+    """
     if info.is_main:
+        unaugmented = getattr(splits, "unaugmented_train", None)
         loader = DataLoader(
-            train,
+            unaugmented() if unaugmented is not None else splits.train,
             batch_size=cfg.eval_batch_size or cfg.batch_size,
             shuffle=False,
             num_workers=cfg.workers,
@@ -280,6 +298,7 @@ class Loop:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
     step_hook: Callable[[LoopState], None] | None = None
+    last_val: dict[str, Any] | None = None
     stop_agreed: bool = False
     step_delay: float = field(
         default_factory=lambda: float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
@@ -460,11 +479,13 @@ class Loop:
             )
         return summarize(pred, self.class_names)
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> dict[str, Any]:
+        """Validate (when due), log the epoch's record, checkpoint; return the record."""
         st = self.state
         epochs = int(self.cfg.epochs or 0)
         due = (st.epoch + 1) % self.cfg.eval_every == 0 or st.epoch + 1 == epochs
         val = self.evaluate(self.stage.val, "val") if due else None
+        self.last_val = val
         record = {
             "epoch": st.epoch + 1,
             "step": st.global_step,
@@ -490,6 +511,20 @@ class Loop:
         if self.sink is not None and self.info.is_main:
             self.sink.epoch(record, st.history)
         self.save(complete=st.epoch >= int(self.cfg.epochs or 0))
+        return record
+
+    def keep_going(self, hook: EpochHook, record: dict[str, Any]) -> bool:
+        """Ask ``hook`` whether to train on after ``record``'s epoch (rank 0's answer counts).
+
+        The RNG states are restored after the call, so a hook that draws random numbers does
+        not change training: a run stopped by it and resumed ends as an uninterrupted one.
+        """
+        state = rng_state()
+        try:
+            answer = hook(int(record["epoch"]), dict(record))
+        finally:
+            set_rng_state(state)
+        return broadcast_flag(answer is not False, self.info)
 
 
 def epoch_line(r: dict[str, Any], epochs: int | None) -> str:
@@ -569,6 +604,7 @@ def fit(
     reporter: Reporter | None = None,
     checkpoint: dict[str, Any] | None = None,
     step_hook: Callable[[LoopState], None] | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> FitResult:
     """Train ``model`` on ``splits.train``, validate every epoch, test at the end.
 
@@ -581,6 +617,10 @@ def fit(
         reporter: logging and progress bars.
         checkpoint: a loaded checkpoint to continue from (resume).
         step_hook: called after every optimizer step (tests use it to inject faults).
+        on_epoch_end: ``fn(epoch, record)``, called after each epoch's record is logged and its
+            checkpoint written; returning False stops training there. The result then covers
+            the epochs so far (``stopped_at_epoch``), and the checkpoint continues the run later
+            exactly as if it had not stopped.
 
     Returns:
         The history and final metrics; the model holds the selected weights.
@@ -598,7 +638,7 @@ def fit(
         model.set_grad_checkpointing(True)
     if checkpoint is None:
         seed_everything(cfg.seed)
-        prepare_method(model, splits.train, cfg, info, reporter)
+        prepare_method(model, splits, cfg, info, reporter)
         seed_everything(cfg.seed)
     stage = build_stage(model, splits, cfg, info, reporter)
     resolved = resolved_schedule(cfg, len(stage.train), info.world)  # type: ignore[arg-type]
@@ -631,14 +671,25 @@ def fit(
             loop.stop = flag
             while loop.state.epoch < int(cfg.epochs or 0):
                 loop.run_epoch()
-                loop.end_epoch()
+                record = loop.end_epoch()
+                if on_epoch_end is not None and not loop.keep_going(on_epoch_end, record):
+                    break
     finally:
         restore_batchnorm(stage.module)
-    return finish(loop, resolved, time.perf_counter() - start)
+    stopped = loop.state.epoch if loop.state.epoch < int(cfg.epochs or 0) else None
+    if stopped is not None:
+        reporter.info(f"stopped after epoch {stopped} of {cfg.epochs}; resume to continue")
+    result = finish(loop, resolved, time.perf_counter() - start)
+    result.stopped_at_epoch = stopped
+    return result
 
 
 def finish(loop: Loop, resolved: dict[str, Any], seconds: float) -> FitResult:
-    """Select the weights (last or best-val), then measure val and test on them."""
+    """Select the weights (last or best-val), then measure val and test on them.
+
+    Val is measured again only if the selected weights are not those the last epoch just
+    validated.
+    """
     st, cfg = loop.state, loop.cfg
     selected = len(st.history)
     if cfg.select == "best-val" and loop.best_state:
@@ -650,7 +701,8 @@ def finish(loop: Loop, resolved: dict[str, Any], seconds: float) -> FitResult:
         loop.reporter.warn(
             "select=best-val but there is no validation split; keeping the last epoch"
         )
-    val = loop.evaluate(loop.stage.val, "val")
+    validated = loop.last_val is not None and selected == len(st.history)
+    val = loop.last_val if validated else loop.evaluate(loop.stage.val, "val")
     test = loop.evaluate(loop.stage.test, "test")
     loop.model.eval()
     train_seconds = sum(r["seconds"] for r in st.history)

@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class SweepResult:
     storage: str
     study: str
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def test(self) -> list[float]:
@@ -124,6 +123,7 @@ class SweepResult:
             "method": v.get("method"),
             "backbone": v.get("backbone"),
             "data": v.get("data"),
+            "data_seed": int(v.get("data_seed") or 0),
             "search": self.spec.search,
             "halving": {"eta": self.spec.eta, "min_epochs": self.spec.min_epochs}
             if self.spec.search == "halving"
@@ -159,7 +159,6 @@ class SweepResult:
             "study": self.study,
             "training": v,
             "seconds": self.seconds,
-            "notes": self.notes,
         }
 
 
@@ -223,7 +222,6 @@ def run_sweep(
         storage,
         name,
         time.perf_counter() - start,
-        notes=protocol_notes(spec),
     )
     write_reports(result)
     return result
@@ -257,16 +255,3 @@ def run_finals(
 
     backend.map(FinalJob(runner), items, got)
     return [results[s] for s in spec.final_seeds]
-
-
-def protocol_notes(spec: SweepSpec) -> list[str]:
-    """Caveats worth printing with the results."""
-    from vprompt.sweep.spec import engine_has_data_seed
-
-    notes = []
-    if not engine_has_data_seed() and spec.seeds > 1:
-        notes.append(
-            "the engine draws data subsets from the seed, so each final seed trains and tests on "
-            "its own subsample (sources with fixed lists, such as vtab:, are unaffected)"
-        )
-    return notes

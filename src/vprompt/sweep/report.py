@@ -78,7 +78,8 @@ def summary_markdown(result: SweepResult) -> str:
         f"- chosen: lr {result.choice.lr:g}, wd {result.choice.wd:g} "
         f"(val top-1 {pct(result.choice_val)}%; rule: {d['rule']})",
         f"- test top-1 on train + val retraining: **{pct(result.test_mean)} ± "
-        f"{pct(result.test_std)}%** over {len(result.finals)} seed(s) (sample std)",
+        f"{pct(result.test_std)}%** over {len(result.finals)} seed(s) (sample std), all on the "
+        f"images of data seed {d['data_seed']}",
         f"- compute: {result.trial_epochs} trial-epochs of {result.grid_trial_epochs} for the "
         f"full grid ({100 * d['compute']['fraction']:.1f}%)",
         f"- storage: `{result.storage}`, study `{result.study}`",
@@ -87,7 +88,6 @@ def summary_markdown(result: SweepResult) -> str:
         "|---:|---:|---|",
     ]
     lines += [f"| {f.seed} | {pct(f.test_top1)} | `{f.run_dir}` |" for f in result.finals]
-    lines += [f"\nNote: {n}." for n in result.notes]
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,10 @@
 """What a sweep asks of the training engine: advance a search trial, or run a final seed.
 
-A *search trial* trains on the train split and is scored on val; the test split is removed from
-its data before the model sees any of it. It trains from its last checkpoint (in its trial
-directory) up to a target epoch and stops there, so successive halving can pause a trial at a
-rung and continue it exactly later, and a killed sweep continues where it stopped.
+A *search trial* trains on the train split and is scored on val; its data has no test split
+(``evaluate_test=False``: no test image is read). It trains from its last checkpoint (in its
+trial directory) up to a target epoch and stops there through `fit`'s ``on_epoch_end``, so
+successive halving can pause a trial at a rung and continue it exactly later, and a killed
+sweep continues where it stopped.
 
 A *final run* is an ordinary `vprompt.engine.train_run` on train + val (``merge_train_val``),
 which writes a run directory with the task artifact and the test metrics.
@@ -15,7 +16,6 @@ scripted runners.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import math
@@ -79,16 +79,11 @@ class TrialRunner(Protocol):
 # ------------------------------------------------------------------------------ the engine
 
 
-class _ReachedTarget(Exception):
-    """Raised by `_TrialSink` once the target epoch's checkpoint is on disk."""
-
-
 @dataclass
 class _TrialSink:
-    """The engine's `RunSink` for a search trial: checkpoint every epoch, stop at the target."""
+    """The engine's `RunSink` for a search trial: checkpoints go to the trial directory."""
 
     trial_dir: Path
-    target_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def step(self, record: dict[str, Any]) -> None:
@@ -101,8 +96,6 @@ class _TrialSink:
         from vprompt.engine.checkpoint import save_checkpoint
 
         save_checkpoint(self.trial_dir, state)
-        if state["step_in_epoch"] == 0 and state["epoch"] >= self.target_epoch:
-            raise _ReachedTarget
 
 
 @functools.lru_cache(maxsize=2)
@@ -153,8 +146,8 @@ class EngineRunner:
         done = list(ckpt["loop"]["history"]) if ckpt else []
         if len(done) >= target_epoch:
             return _progress(done[:target_epoch], 0, 0.0)
-        sink = _TrialSink(trial_dir, target_epoch, done)
-        diverged = _train_search_trial(values, sink, ckpt)
+        sink = _TrialSink(trial_dir, done)
+        diverged = _train_search_trial(values, sink, ckpt, target_epoch)
         records = sink.history
         return _progress(records, len(records) - len(done), time.perf_counter() - start, diverged)
 
@@ -189,9 +182,10 @@ class EngineRunner:
 
 
 def _train_search_trial(
-    values: dict[str, Any], sink: _TrialSink, ckpt: dict[str, Any] | None
+    values: dict[str, Any], sink: _TrialSink, ckpt: dict[str, Any] | None, target_epoch: int
 ) -> str | None:
-    """Train on train (test removed, val required) until the sink stops at its target epoch.
+    """Train on train (no test split is built, val is required) and stop after ``target_epoch``
+    (its checkpoint continues the trial later).
 
     Returns:
         None, or the engine's message if the loss became NaN/inf (the trial diverged).
@@ -202,9 +196,9 @@ def _train_search_trial(
     from vprompt.engine.trainer import TrainingInterrupted
     from vprompt.errors import TrainingError
 
-    cfg = resolve_config(values)
+    cfg = resolve_config({**values, "evaluate_test": False})  # never see test
     backbone = _fresh_backbone(cfg.backbone, cfg.img_size)
-    splits = dataclasses.replace(build_data(cfg, backbone), test=None)  # never see test
+    splits = build_data(cfg, backbone)
     if splits.val is None:
         raise ConfigError(
             f"a sweep scores trials on the validation split, but {cfg.data!r} has none; "
@@ -213,9 +207,15 @@ def _train_search_trial(
     model = build_model(cfg, backbone, splits)
     quiet = Reporter(quiet=True, enabled=False)
     try:
-        fit(model, splits, cfg, sink=sink, reporter=quiet, checkpoint=ckpt)
-    except _ReachedTarget:
-        return None
+        fit(
+            model,
+            splits,
+            cfg,
+            sink=sink,
+            reporter=quiet,
+            checkpoint=ckpt,
+            on_epoch_end=lambda epoch, _record: epoch < target_epoch,
+        )
     except TrainingInterrupted:
         raise
     except TrainingError as e:
@@ -230,6 +230,7 @@ _COMPARED = (
     "lr",
     "wd",
     "seed",
+    "data_seed",
     "epochs",
     "batch_size",
     "merge_train_val",
@@ -254,7 +255,12 @@ def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
         have = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError):
         return False
-    return isinstance(have, dict) and all(have.get(k) == wanted.get(k) for k in _COMPARED)
+    if not isinstance(have, dict):
+        return False
+    # config.yaml holds every method option (defaults filled in): the wanted ones must agree.
+    options = have.get("method_options") or {}
+    same_options = all(options.get(k) == v for k, v in (wanted.get("method_options") or {}).items())
+    return same_options and all(have.get(k) == wanted.get(k) for k in _COMPARED)
 
 
 def _finished_final(run_dir: Path) -> FinalRun | None:

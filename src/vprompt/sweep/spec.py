@@ -28,14 +28,16 @@ NOT_IN_KEY: frozenset[str] = frozenset(
         "lr",
         "wd",
         "merge_train_val",
-        "data_seed",
         "select",
+        "evaluate_test",
     }
 )
-"""Training options that do not change results (or are searched): left out of the study key."""
+"""Training options left out of the study key: they do not change results, are searched, or are
+set by the protocol. (``seed`` and ``data_seed`` change results, so they are in the key.)"""
 
-PROTOCOL_OPTIONS: frozenset[str] = frozenset({"merge_train_val", "select"})
-"""Options the protocol sets itself: search on train / val, retrain on train + val, last epoch."""
+PROTOCOL_OPTIONS: frozenset[str] = frozenset({"merge_train_val", "select", "evaluate_test"})
+"""Options the protocol sets itself: search on train / val without test, retrain on train + val
+and test, last epoch."""
 
 
 @dataclass
@@ -44,7 +46,8 @@ class SweepSpec:
 
     Attributes:
         values: training options as for `vprompt.engine.train_run` (``lr`` / ``wd`` are searched;
-            ``seed`` is the search seed and the first final seed).
+            ``seed`` is the search seed and the first final seed; ``data_seed`` picks the images
+            of every run, search and final alike).
         lrs: base learning rates to search (the method's default grid when None).
         wds: weight decays to search (the method's default grid when None).
         search: ``grid`` trains every point for all epochs; ``halving`` is synchronous successive
@@ -52,7 +55,8 @@ class SweepSpec:
             ``min_epochs x eta`` epochs, and so on up to the full epochs.
         eta: halving's reduction factor (>= 2).
         min_epochs: halving's first rung, in epochs.
-        seeds: final runs on train + val, seeds ``seed``, ``seed + 1``, ... (0: search only).
+        seeds: final runs on train + val, seeds ``seed``, ``seed + 1``, ... (0: search only);
+            they all train and test on the same images (one ``data_seed``).
     """
 
     values: dict[str, Any]
@@ -77,7 +81,7 @@ class SweepSpec:
         if clash:
             raise ConfigError(
                 f"a sweep sets {clash} itself (search on train/val scored by the last epoch, "
-                "final runs on train + val); drop them"
+                "never touching test; final runs on train + val, tested); drop them"
             )
         defaults = default_grid(str(self.values.get("method", "")))
         self.lrs = parse_values(self.lrs, "lr") or defaults.lrs
@@ -103,27 +107,26 @@ class SweepSpec:
         return [self.seed + i for i in range(self.seeds)]
 
     def search_values(self, point: GridPoint) -> dict[str, Any]:
-        """Options of a search trial: train on train, score on val."""
-        values = {**self.values, "lr": point.lr, "wd": point.wd, "merge_train_val": False}
-        return self._pin_data_seed(values)
+        """Options of a search trial: train on train, score on val, never build test."""
+        return {
+            **self.values,
+            "lr": point.lr,
+            "wd": point.wd,
+            "merge_train_val": False,
+            "evaluate_test": False,
+        }
 
     def final_values(self, point: GridPoint, seed: int) -> dict[str, Any]:
-        """Options of a final run: train on train + val, report test."""
-        values = {
+        """Options of a final run: train on train + val, report test. Only ``seed`` varies
+        between final runs; ``data_seed`` keeps them on the search's images."""
+        return {
             **self.values,
             "lr": point.lr,
             "wd": point.wd,
             "seed": seed,
             "merge_train_val": True,
+            "evaluate_test": True,
         }
-        return self._pin_data_seed(values)
-
-    def _pin_data_seed(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Keep every run on the search's data subsets, where the engine can separate the data
-        seed from the seed (``data_seed``); otherwise a final seed also redraws the subsets."""
-        if engine_has_data_seed() and values.get("data_seed") is None:
-            values["data_seed"] = self.seed
-        return values
 
     def key_doc(self, resolved: dict[str, Any]) -> dict[str, Any]:
         """Everything that changes the search's results (the grid only where decisions use it).
@@ -161,13 +164,6 @@ def check_validation_epochs(spec: SweepSpec, epochs: int, eval_every: int) -> No
             f"validate at {skipped}; drop --eval-every or pick --min-epochs / --eta so that every "
             "rung is a multiple of it"
         )
-
-
-def engine_has_data_seed() -> bool:
-    """Whether `TrainConfig` has a ``data_seed`` separate from ``seed``."""
-    from vprompt.engine.config import FIELD_NAMES
-
-    return "data_seed" in FIELD_NAMES
 
 
 def rungs(epochs: int, min_epochs: int, eta: int) -> list[int]:
