@@ -89,11 +89,9 @@ def make_tasks(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     corrupt = root / "corrupt"
     corrupt.mkdir()
     (corrupt / TASK_JSON).write_text("{broken")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(99)
-        from vprompt.backbones import load_backbone
-
-        other_bb = load_backbone(TINY_VIT)
+    other_bb = load_backbone_reproducibly(TINY_VIT)  # seeded: the same weights; change one
+    with torch.no_grad():
+        next(other_bb.model.parameters()).add_(1e-3)
     other = save_random_task(root / "other", other_bb, "vpt-deep", prompt_len=2)
     return dirs, {"corrupt": corrupt, "other": other}
 

@@ -220,11 +220,11 @@ def corrupt_copies(task_dirs: dict[str, Path], root: Path) -> dict[str, Path]:
 
 
 def other_backbone_task(root: Path) -> Path:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(123)
-        from vprompt.backbones import load_backbone
+    from vprompt.backbones import load_backbone
 
-        other = load_backbone(TINY_VIT)
+    other = load_backbone(TINY_VIT)  # seeded: the same weights as backbone(); change one
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1e-3)
     return save_random_task(root / "other-backbone", other, "vpt-deep", prompt_len=2)
 
 
