@@ -40,7 +40,12 @@ def eval_command(
     batch_size: Annotated[int, Opt(help="Images per forward.")] = 64,
     device: Annotated[Literal["auto", "cpu", "cuda"], Opt(help="Device.")] = "auto",
     workers: Annotated[int, Opt(help="DataLoader workers.")] = 0,
-    seed: Annotated[int | None, Opt(help="Data seed (default: the task's training seed).")] = None,
+    seed: Annotated[
+        int | None,
+        Opt(
+            help="Data seed for subsets and carved splits (default: the task's training data seed)."
+        ),
+    ] = None,
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix of a task on a dataset split."""
     from vprompt.engine.inference import evaluate_task
