@@ -348,6 +348,7 @@ def train_values(
         "val_size": setup.val_size,
         "test_size": data.test_size,
         "seed": seed,
+        "data_seed": 0,  # the same images for every seed (the engine's default, made explicit)
     }
 
 
