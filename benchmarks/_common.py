@@ -16,6 +16,12 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 """Where the suites write their JSON, Markdown and PNG files by default."""
 
+DIGITS_1K = "builtin:digits?val=0.112&test=0.44"
+"""scikit-learn digits carved so that 800 train / 200 val fit; the 791 images left are the test."""
+
+TINY_VIT = "timm:vit_tiny_patch16_224?pretrained=false&img_size=32&depth=2&embed_dim=32&num_heads=2"
+"""A two-block random ViT at 32 px for the suites' ``--quick`` modes."""
+
 
 # ------------------------------------------------------------------------------------- memory
 def status_kb(field: str) -> int:

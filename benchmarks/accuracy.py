@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks._common import (
+    DIGITS_1K,
     RESULTS,
+    TINY_VIT,
     command_line,
     cpu_model,
     fmt,
@@ -62,10 +64,7 @@ from benchmarks._common import (
 BENCH_VERSION = 1
 """Bumped when the suite's protocol changes in a way the training options do not show."""
 
-TINY_VIT = "timm:vit_tiny_patch16_224?pretrained=false&img_size=32&depth=2&embed_dim=32&num_heads=2"
 TINY_CNN = "timm:test_efficientnet?pretrained=false"
-DIGITS_1K = "builtin:digits?val=0.112&test=0.44"
-"""scikit-learn digits carved so that 800 train / 200 val fit; the 791 images left are the test."""
 
 HASH_EXCLUDED = ("lr", "seed", "device", "workers", "eval_batch_size", "ckpt_every_steps")
 """Options left out of the config hash: lr and seed are in the record's key; the others do not

@@ -38,13 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import DIGITS_1K, TINY_VIT
 from vprompt.sweep import GridPoint, SweepSpec, TrialProgress, run_sweep
 from vprompt.sweep.grids import choose
 
 RESULTS = Path(__file__).parent / "results"
-DIGITS_1K = "builtin:digits?val=0.112&test=0.44"
-"""scikit-learn digits carved so that 800 train / 200 val fit (791 test images stay held out)."""
-TINY_VIT = "timm:vit_tiny_patch16_224?pretrained=false&img_size=32&depth=2&embed_dim=32&num_heads=2"
 
 
 @dataclass
