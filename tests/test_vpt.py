@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vprompt.errors import ConfigError
-from vprompt.methods import attach
+from vprompt.methods import attach, vpt
 from vprompt.methods.vpt import embed_tokens
 
 VITS = {
@@ -201,3 +201,128 @@ def test_grad_checkpointing_gives_same_gradients():
         m.train()
         F.cross_entropy(m(x), y).backward()
     torch.testing.assert_close(a.method.prompts.grad, b.method.prompts.grad)
+
+
+# ------------------------------------------------------------------ split-backward attention
+def _qkv_and_prompts(B: int, H: int, T: int, P: int, hd: int = 8, *, dtype=torch.float64):
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(B, T, 3, H, hd, generator=g, dtype=dtype, requires_grad=True)
+    pkv = torch.randn(1, P, 2, H, hd, generator=g, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), as timm lays them out
+    pk, pv = pkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, H, P, hd)
+    return qkv, pkv, (q, k, v, pk, pv)
+
+
+@pytest.mark.parametrize("P", [1, 7, 30])
+@pytest.mark.parametrize("image_grad", [True, False])
+@pytest.mark.parametrize("slab_bytes", [None, 1])  # default slab, and one head per group
+def test_split_backward_attention_equals_sdpa_over_concatenation(
+    monkeypatch, P, image_grad, slab_bytes
+):
+    if slab_bytes is not None:
+        monkeypatch.setattr(vpt, "_SLAB_BYTES", slab_bytes)
+    B, H, T, hd = 3, 4, 9, 8
+    qkv, pkv, (q, k, v, pk, pv) = _qkv_and_prompts(B, H, T, P, hd)
+    qkv.requires_grad_(image_grad)
+    do = torch.randn(B, T, H, hd, dtype=torch.float64).transpose(1, 2)  # as the block's backward
+    ref = F.scaled_dot_product_attention(
+        q, torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+    )
+    out = vpt.PromptKVAttention.apply(q, k, v, pk, pv, hd**-0.5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    inputs = (qkv, pkv) if image_grad else (pkv,)
+    grads = torch.autograd.grad(out, inputs, do), torch.autograd.grad(ref, inputs, do)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_split_backward_is_chosen_only_where_exact_and_useful(monkeypatch):
+    B, H, T = 2, 3, 5
+    _, _, (q, _, _, pk, pv) = _qkv_and_prompts(B, H, T, P=T, dtype=torch.float32)
+    choose = vpt.use_split_backward
+    assert choose(q, pk, pv, None, 0.0)  # P >= T, everything needs gradients
+    mask = torch.ones(B, 1, 1, T + T, dtype=torch.bool)
+    assert not choose(q, pk, pv, mask, 0.0)  # serving with padded prompt lengths
+    assert not choose(q, pk, pv, None, 0.1)  # attention dropout in training
+    per_sample = pk.expand(B, -1, -1, -1)  # prompt dropout: one prompt set per sample
+    assert not choose(q, per_sample, per_sample, None, 0.0)
+    assert not choose(q.bfloat16(), pk, pv, None, 0.0)
+    with torch.no_grad():
+        assert not choose(q, pk, pv, None, 0.0)  # inference: fused SDPA is faster
+    _, _, (q, _, _, pk_short, pv_short) = _qkv_and_prompts(B, H, T, P=T - 1, dtype=torch.float32)
+    assert not choose(q, pk_short, pv_short, None, 0.0)  # P < T: fused SDPA is faster
+    assert choose(q.detach(), pk_short, pv_short, None, 0.0)  # first block: no image gradients
+    assert not choose(q, pk.detach(), pv.detach(), None, 0.0)  # nothing of the prompts trains
+    monkeypatch.setattr(vpt, "_HAS_CPU_FLASH", False)  # a torch without the private CPU ops
+    assert not choose(q, pk, pv, None, 0.0)
+
+
+def _count_split_calls(monkeypatch) -> list[int]:
+    calls = []
+    apply = vpt.PromptKVAttention.apply
+    monkeypatch.setattr(
+        vpt.PromptKVAttention, "apply", lambda *a: calls.append(1) or apply(*a), raising=True
+    )
+    return calls
+
+
+def test_attention_dropout_keeps_fused_sdpa_with_dropout(monkeypatch):
+    calls = _count_split_calls(monkeypatch)
+    vit = tiny_vit(attn_drop_rate=0.5)
+    model = attach(vit, "vpt-deep", num_classes=2, prompt_len=20)
+    ref = attach(vit, "vpt-deep", num_classes=2, prompt_len=20, fast="off")
+    ref.load_task_state_dict(model.task_state_dict())
+    vit.train()  # the frozen backbone normally stays in eval; force its attention dropout on
+    x = images(2)
+    a, b = model.method.forward_features(vit, x), model.method.forward_features(vit, x)
+    assert not torch.equal(a, b), "attention dropout must be active"
+    assert calls == []
+    vit.eval()
+    assert (model.eval()(x) - ref.eval()(x)).abs().max() <= 1e-5
+
+
+def test_prompt_dropout_in_training_keeps_fused_sdpa(monkeypatch):
+    calls = _count_split_calls(monkeypatch)
+    model = attach(tiny_vit(), "vpt-deep", num_classes=2, prompt_len=20, prompt_dropout=0.1)
+    F.cross_entropy(model.train()(images(2)), torch.tensor([0, 1])).backward()
+    assert calls == [] and model.method.prompts.grad.abs().sum() > 0
+
+
+def test_split_backward_used_in_training_and_first_block_only_for_short_prompts(monkeypatch):
+    calls = _count_split_calls(monkeypatch)
+    vit = tiny_vit()  # 5 image tokens (CLS + 2x2 patches), 3 blocks
+    for P, expected in [(20, 3), (2, 1)]:
+        calls.clear()
+        model = attach(vit, "vpt-deep", num_classes=2, prompt_len=P)
+        F.cross_entropy(model.train()(images(2)), torch.tensor([0, 1])).backward()
+        assert len(calls) == expected, P
+        calls.clear()
+        with torch.no_grad():
+            model.eval()(images(2))
+        assert calls == []
+
+
+def test_masked_padded_prompts_equal_unpadded_with_gradients():
+    # serving pads prompt K/V to a common length and masks the padding; the block must then give
+    # what it gives for the real prompts alone (fused SDPA takes the mask; without the mask and
+    # with P >= T the split backward runs)
+    vit = tiny_vit()
+    block = vit.blocks[1]
+    P, pad, B = 6, 4, 2
+    x = embed_tokens(vit, images(B)).requires_grad_(True)  # (B, T, D)
+    T = x.shape[1]
+    prompts = torch.randn(P, vit.embed_dim, requires_grad=True)
+    pk, pv = vpt.prompt_kv(block, prompts)  # (1, H, P, hd)
+    padded = [F.pad(t, (0, 0, 0, pad)) for t in (pk, pv)]  # (1, H, P + pad, hd)
+    mask = torch.ones(B, 1, 1, P + pad + T, dtype=torch.bool)
+    mask[..., P : P + pad] = False
+    out = vpt.block_with_prompt_kv(block, x, *padded, attn_mask=mask)
+    ref = vpt.block_with_prompt_kv(block, x, pk, pv)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(out)
+    grads = (
+        torch.autograd.grad(out, (x, prompts), g, retain_graph=True),
+        torch.autograd.grad(ref, (x, prompts), g),
+    )
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

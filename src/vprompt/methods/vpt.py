@@ -11,7 +11,12 @@ Two execution paths compute the same logits for VPT-deep:
   prompts' keys and values, and since prompts do not depend on the image these are computed once
   per forward for the whole batch. The image tokens attend to ``[prompt K/V, own K/V]`` through
   fused scaled-dot-product attention; queries, attention outputs and MLP run for image tokens
-  only. Cost is nearly independent of P.
+  only. In training on CPU, where P >= T (and always in the first block) the attention backward
+  is split into an image part (the flash backward over the T image keys) and a prompt part
+  (plain matmuls with the batch folded into the query rows), see `PromptKVAttention`; no
+  concatenated K/V are kept for backward, so memory does not grow with P. What is left of the
+  cost of P is the arithmetic of attending to P more keys (about 14 * B * T * P * D flops per
+  block, forward plus backward).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from vprompt.errors import ConfigError
@@ -143,6 +149,140 @@ def prompt_kv(block: Block, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.
     return attn.k_norm(k), v
 
 
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+"""The split backward calls torch's CPU flash-attention ops directly (private; checked, not assumed)."""
+_LOG2E = math.log2(math.e)
+_SLAB_BYTES = 2 << 20
+"""Prompt scores are recomputed in backward one group of heads at a time, each group's
+(heads, B * T, P) slab about this size, so that it stays in cache between the matmuls."""
+
+
+def use_split_backward(
+    q: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout: float,
+) -> bool:
+    """Whether `PromptKVAttention` runs for this block, and not plain fused SDPA.
+
+    Only where it is exact: prompt keys/values shared by the batch (not per-sample prompt
+    dropout), no mask (serving pads prompt lengths), no attention dropout, CPU fp32/fp64 (it calls
+    the CPU flash kernels; in half precision its matmuls would round differently). Only where it
+    pays, which is in backward: always if the image queries need no gradient (the first block,
+    whose image backward it skips), else from P >= T prompts, where its matmuls beat the flash
+    backward over P + T keys (measured on ViT-S/14 at 112 px and ViT-B/16 at 224 px; below that
+    its fixed costs, folding copies and small matmuls, make it slower). Forward-only runs keep
+    fused SDPA.
+    """
+    if attn_mask is not None or dropout > 0.0 or pk.shape[0] != 1 or not _HAS_CPU_FLASH:
+        return False
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return False
+    if not torch.is_grad_enabled() or not (pk.requires_grad or pv.requires_grad):
+        return False
+    return not q.requires_grad or pk.shape[2] >= q.shape[2]
+
+
+def _fold_batch(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, X) -> contiguous (H, B * T, X): the batch folded into the rows."""
+    B, H, T, X = t.shape
+    return t.transpose(0, 1).reshape(H, B * T, X).contiguous()
+
+
+def _unfold_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(H, B * T, X) -> (B, H, T, X), a view."""
+    H, BT, X = t.shape
+    return t.view(H, batch, BT // batch, X).transpose(0, 1)
+
+
+def _head_groups(heads: int, rows: int, prompts: int) -> list[slice]:
+    per = max(1, min(heads, _SLAB_BYTES // max(1, 4 * rows * prompts)))
+    return [slice(h, min(heads, h + per)) for h in range(0, heads, per)]
+
+
+class PromptKVAttention(torch.autograd.Function):
+    """``scaled_dot_product_attention(q, cat([pk, k]), cat([pv, v]))`` for prompt keys/values
+    (1, H, P, hd) shared by the batch, with a backward that splits prompt and image keys.
+
+    Forward: the CPU flash kernel over the concatenation, which also returns the log-sum-exp
+    over all P + T keys; the concatenated K/V are freed at once, and only q, k, v (views of the
+    block's qkv output), the output and the log-sum-exp are saved, so memory does not grow with P.
+
+    Backward: the flash backward over the T image keys alone, fed the full output and
+    log-sum-exp, gives the image keys' share of dq and all of dk, dv exactly (softmax gradients
+    only need each key's probability, recomputed from the log-sum-exp, and the row sums
+    ``sum(do * o)``). The prompt keys' share is recomputed with plain matmuls: their keys are
+    shared, so the batch folds into the query rows and each head's scores are one
+    (B * T, P) matmul, with no expand and no (B, H, P, hd) gradients to sum over the batch.
+    Nothing of size (B, H, T, P) is stored; the scores live per group of heads. When the image
+    queries need no gradient (the first block), the image backward is skipped.
+
+    A split forward as well (flash over the T image keys, the prompt part by matmuls, the two
+    merged by their log-sum-exps) was measured and was no faster than the fused forward, which
+    gives the merged log-sum-exp for free; so only the backward is split.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pk: torch.Tensor,
+        pv: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        B = q.shape[0]
+        k_all = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, H, P + T, hd)
+        v_all = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)  # (B, H, P + T, hd)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o, lse = flash(q, k_all, v_all, scale=scale)  # (B, H, T, hd), (B, H, T)
+        ctx.save_for_backward(q, k, v, pk, pv, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do: torch.Tensor):  # do: (B, H, T, hd)
+        q, k, v, pk, pv, o, lse = ctx.saved_tensors
+        need_q, need_k, need_v, need_pk, need_pv, _ = ctx.needs_input_grad
+        scale = ctx.scale
+        B, H, T, _ = q.shape
+        P = pk.shape[2]
+        dq = dk = dv = dpk = dpv = None
+        if need_q or need_k or need_v:  # image keys' share, with the full output and lse
+            flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+            dq, dk, dv = flash_backward(do, q, k, v, o, lse, 0.0, False, scale=scale)
+        # prompt keys' share, batch folded into rows: (H, B * T, ...)
+        qf, dof = _fold_batch(q), _fold_batch(do)  # (H, B * T, hd)
+        neg_row = _fold_batch(torch.linalg.vecdot(do, o).unsqueeze(-1)).neg_()  # (H, B * T, 1)
+        neg_lse2 = _fold_batch(lse.unsqueeze(-1)).mul_(-_LOG2E)  # (H, B * T, 1), base 2
+        pk2 = pk[0] * (scale * _LOG2E)  # (H, P, hd): base-2 logits come out of the matmul
+        dpk_ = torch.empty_like(pk[0]) if need_pk else None  # (H, P, hd)
+        dpv_ = torch.empty_like(pv[0]) if need_pv else None  # (H, P, hd)
+        dq_p = torch.empty_like(qf) if need_q else None  # (H, B * T, hd)
+        for g in _head_groups(H, B * T, P):
+            # probabilities exp(s - lse): (h, B * T, P)
+            p = torch.baddbmm(neg_lse2[g], qf[g], pk2[g].transpose(1, 2)).exp2_()
+            if need_pv:
+                torch.bmm(p.transpose(1, 2), dof[g], out=dpv_[g])  # (h, P, hd)
+            # score gradients p * (do . pv - sum(do * o)): (h, B * T, P)
+            ds = torch.baddbmm(neg_row[g], dof[g], pv[0, g].transpose(1, 2)).mul_(p)
+            del p
+            if need_pk:
+                torch.bmm(ds.transpose(1, 2), qf[g], out=dpk_[g])  # (h, P, hd)
+            if need_q:
+                torch.bmm(ds, pk[0, g], out=dq_p[g])  # (h, B * T, hd)
+        if need_q:
+            dq.add_(_unfold_batch(dq_p, B), alpha=scale)  # (B, H, T, hd)
+        if need_pk:
+            dpk = dpk_.mul_(scale).unsqueeze(0)  # (1, H, P, hd)
+        if need_pv:
+            dpv = dpv_.unsqueeze(0)  # (1, H, P, hd)
+        return dq, dk, dv, dpk, dpv, None
+
+
 def block_with_prompt_kv(
     block: Block,
     x: torch.Tensor,
@@ -161,6 +301,11 @@ def block_with_prompt_kv(
     Returns:
         The block's output for the image tokens, (B, T, D): exactly what the full block computes
         at those positions when the prompt tokens are part of its input.
+
+    The attention is fused SDPA over ``[prompt K/V, image K/V]``, or, when `use_split_backward`
+    says so (training on CPU with P >= T, and the first block), `PromptKVAttention`: the same
+    forward with a backward split into image and prompt keys. Both are exact; the choice is
+    made per call, so serving (masked, no grad) and attention dropout keep fused SDPA.
     """
     attn = block.attn
     B, T, _ = x.shape
@@ -169,11 +314,15 @@ def block_with_prompt_kv(
     qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # each (B, H, T, hd)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, H, P + T, hd)
-    v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)  # (B, H, P + T, hd)
-    o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )  # (B, H, T, hd)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if use_split_backward(q, pk, pv, attn_mask, dropout):
+        o = PromptKVAttention.apply(q, k, v, pk, pv, attn.scale)  # (B, H, T, hd)
+    else:
+        k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, H, P + T, hd)
+        v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)  # (B, H, P + T, hd)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout
+        )  # (B, H, T, hd)
     o = attn.norm(o.transpose(1, 2).reshape(B, T, attn.attn_dim))  # (B, T, H * hd)
     if gate is not None:
         o = o * gate
