@@ -326,3 +326,25 @@ def test_masked_padded_prompts_equal_unpadded_with_gradients():
     )
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_fused_path_does_not_keep_the_qkv_buffer_for_backward():
+    """With fewer prompts than tokens (fused SDPA over copied K/V), what the block saves for
+    backward must not include the (3, B, H, T, hd) qkv output: q gets its own copy."""
+    model = tiny_vit()
+    block = model.blocks[1]
+    x = torch.randn(2, 17, model.embed_dim, requires_grad=True)  # tokens that need gradients
+    prompts = torch.randn(3, model.embed_dim, requires_grad=True)  # P = 3 < T = 17
+    pk, pv = vpt.prompt_kv(block, prompts)
+    qkv_bytes = 3 * x.numel() * x.element_size()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = vpt.block_with_prompt_kv(block, x, pk, pv)
+    assert qkv_bytes not in saved.values()
+    out.sum().backward()  # the copy still gives gradients
+    assert x.grad is not None and prompts.grad is not None
