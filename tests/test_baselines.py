@@ -310,3 +310,24 @@ def test_full_leaves_out_backbone_classifier():
     names = {n for n, _ in model.method.backbone_parameters(model.backbone)}
     assert "fc.weight" not in names and "fc.bias" not in names
     assert "conv1.0.weight" in names
+
+
+@pytest.mark.parametrize("name", ["full", "bitfit", "partial"])
+def test_methods_that_copy_the_backbone_do_not_keep_the_original(name):
+    """The task still names the original weights, but the model does not hold them alive."""
+    import gc
+    import weakref
+
+    from vprompt.backbones import load_backbone
+    from vprompt.methods import attach
+
+    bb = load_backbone("timm:vit_tiny_patch16_224?pretrained=false&img_size=32&depth=2")
+    fingerprint, original = bb.fingerprint, weakref.ref(bb.model)
+    model = attach(bb, name, num_classes=3)
+    del bb
+    gc.collect()
+    assert original() is None
+    assert model.backbone_info.fingerprint == fingerprint
+    with torch.no_grad():  # training the copy must not change what the task is defined against
+        next(model.backbone.parameters()).add_(1.0)
+    assert model.backbone_info.fingerprint == fingerprint

@@ -177,6 +177,8 @@ def _execute(
     bb = backbone or load_backbone(cfg.backbone, cfg.img_size)
     splits = build_data(cfg, bb)
     model = build_model(cfg, bb, splits)
+    if backbone is None:
+        bb = model.backbone_info  # lets a backbone the method copied (full, bitfit...) be freed
     cfg.method_options = model.config.to_dict()
     cfg.img_size = bb.img_size
     resolved = resolved_schedule(cfg, len(splits.train), info.world)

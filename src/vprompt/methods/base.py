@@ -197,6 +197,11 @@ class PromptedModel(nn.Module):
     Build it with `vprompt.attach`. In training mode only the method's modules and the head train;
     unless the method says otherwise the backbone stays in inference behaviour (no dropout, no
     drop-path, frozen batch-norm statistics).
+
+    ``backbone_info`` describes the backbone the task belongs to (spec, architecture,
+    preprocessing, fingerprint of the frozen weights). Methods that train the backbone (``full``,
+    ``bitfit``, ``partial``) train a copy; their ``backbone_info`` keeps the original's
+    fingerprint but not the original weights.
     """
 
     def __init__(
@@ -212,10 +217,14 @@ class PromptedModel(nn.Module):
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names given for num_classes={num_classes}")
         model = backbone.model
+        info = backbone
         if method.trains_backbone:
             model = copy.deepcopy(model)
             _drop_hooks(model)  # a copy taken mid-forward must not keep another task's hooks
-        self.backbone_info = backbone
+            # Describe the frozen original (its fingerprint, taken now) without holding it: a
+            # caller that lets go of it should not pay for a second copy of the weights.
+            info = dataclasses.replace(backbone, model=model, _fingerprint=backbone.fingerprint)
+        self.backbone_info = info
         self.backbone = model
         self.method = method
         self.config = method.config
