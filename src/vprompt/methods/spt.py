@@ -13,7 +13,8 @@ pre-hooks and folded into bounded per-layer accumulators as the batches stream b
   token axis), pooled per window, averaged over images (exact running sum).
 * ``kmeans``: a bottom-k reservoir of at most ``token_budget`` tokens, then k-means (greedy
   k-means++ init, Lloyd iterations) on it. If the budget covers the pool this is k-means on every
-  token.
+  token. The reservoirs of all layers share one buffer and are clustered together
+  (`kmeans_layers`: batched products, the same result as one `kmeans` per layer).
 
 Reservoir keys are a hash of (seed, block, stream position), so a sample depends on the seed and
 the order of the images, never on how they were batched.
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, get_args
+from typing import Any, ClassVar, Literal, Protocol, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -187,16 +188,32 @@ class BottomKReservoir:
     Each row gets a pseudo-random key from (seed, stream, position) and the reservoir keeps the
     rows with the smallest keys (bottom-k sampling): any set of ``capacity`` rows is equally
     likely, and the kept set is the same however the stream is cut into batches. The buffer is
-    allocated once at ``capacity`` rows and updated in place.
+    allocated once at ``capacity`` rows (or given, as views into a larger buffer) and updated in
+    place.
     """
 
     def __init__(
-        self, capacity: int, dim: int, seed: int, stream: int, device: torch.device | str = "cpu"
+        self,
+        capacity: int,
+        dim: int,
+        seed: int,
+        stream: int,
+        device: torch.device | str = "cpu",
+        *,
+        rows: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> None:
         self.capacity = capacity
         self.base = stream_seed(seed, stream)
-        self.rows = torch.empty(capacity, dim, device=device)  # (K, D)
-        self.keys = torch.empty(capacity, dtype=torch.int64, device=device)  # (K,)
+        if rows is None or keys is None:
+            rows = torch.empty(capacity, dim, device=device)
+            keys = torch.empty(capacity, dtype=torch.int64, device=device)
+        if rows.shape != (capacity, dim) or keys.shape != (capacity,):
+            raise ValueError(
+                f"buffers {tuple(rows.shape)}, {tuple(keys.shape)} for {capacity} rows"
+            )
+        self.rows = rows  # (K, D)
+        self.keys = keys  # (K,)
         self.size = 0
         self.seen = 0
         self.buffer_rows = capacity
@@ -206,10 +223,17 @@ class BottomKReservoir:
         return self.rows.numel() * self.rows.element_size() + self.keys.numel() * 8
 
     def add(self, x: torch.Tensor) -> None:
-        """Offer rows (n, D) in stream order."""
-        keys = _keys(self.base, self.seen, x.shape[0], x.device)  # (n,)
-        self.seen += x.shape[0]
-        fill = min(self.capacity - self.size, x.shape[0])
+        """Offer rows (..., D) in stream order (row-major: a batch (B, N, D) image by image)."""
+        n = x.shape[:-1].numel()
+        keys = _keys(self.base, self.seen, n, x.device)  # (n,)
+        self.seen += n
+        fill = min(self.capacity - self.size, n)
+        if fill == n:  # all fit: copy straight into the buffer, no flattened copy first
+            self.rows[self.size : self.size + n].view(x.shape).copy_(x)
+            self.keys[self.size : self.size + n] = keys
+            self.size += n
+            return
+        x = x.reshape(n, x.shape[-1])  # (n, D)
         if fill:
             self.rows[self.size : self.size + fill] = x[:fill]
             self.keys[self.size : self.size + fill] = keys[:fill]
@@ -281,14 +305,19 @@ class RandomTokensAccumulator:
         return self.reservoir.buffer_bytes
 
     def update(self, tokens: torch.Tensor) -> None:
-        self.reservoir.add(tokens.reshape(-1, tokens.shape[-1]))  # (B * N, D)
+        self.reservoir.add(tokens)  # (B, N, D): B * N rows
 
     def finalize(self) -> torch.Tensor:
         return self.reservoir.sorted_rows()  # (P, D)
 
 
 class KMeansAccumulator:
-    """``kmeans``: a bounded uniform reservoir of tokens, clustered once the pass is over."""
+    """``kmeans``: a bounded uniform reservoir of tokens, clustered once the pass is over.
+
+    Given a `LayerStack`, the reservoir lives in the stack's buffer and the stack clusters all its
+    layers together (`LayerStack.cluster`); `finalize` then reads the result, else it clusters
+    this layer alone. Either way the result is ``kmeans`` of the key-sorted reservoir.
+    """
 
     def __init__(
         self,
@@ -299,12 +328,14 @@ class KMeansAccumulator:
         layer: int,
         iters: int,
         device: torch.device,
+        stack: LayerStack | None = None,
     ) -> None:
         self.prompt_len = prompt_len
         self.seed = seed
         self.layer = layer
         self.iters = iters
-        self.reservoir = BottomKReservoir(capacity, dim, seed, layer, device)
+        rows, keys = (None, None) if stack is None else stack.slot(layer, capacity, dim, device)
+        self.reservoir = BottomKReservoir(capacity, dim, seed, layer, device, rows=rows, keys=keys)
         self.buffer_rows = capacity
         self.result: KMeansResult | None = None
 
@@ -313,13 +344,65 @@ class KMeansAccumulator:
         return self.reservoir.buffer_bytes
 
     def update(self, tokens: torch.Tensor) -> None:
-        self.reservoir.add(tokens.reshape(-1, tokens.shape[-1]))  # (B * N, D)
+        self.reservoir.add(tokens)  # (B, N, D): B * N rows
 
     def finalize(self) -> torch.Tensor:
-        x = self.reservoir.sorted_rows()  # (M, D), order independent of batching
-        self.reservoir.rows = self.reservoir.rows.new_empty(0, x.shape[1])  # free the buffer
-        self.result = kmeans(x, self.prompt_len, self.iters, stream_seed(self.seed, self.layer))
+        if self.result is None:
+            x = self.reservoir.sorted_rows()  # (M, D), order independent of batching
+            self.reservoir.rows = self.reservoir.rows.new_empty(0, x.shape[1])  # free the buffer
+            seed = stream_seed(self.seed, self.layer)
+            self.result = kmeans(x, self.prompt_len, self.iters, seed)
         return self.result.centres
+
+
+class LayerStack:
+    """The k-means reservoirs of several layers in one buffer (L, K, D) and one key buffer
+    (L, K), allocated at the first layer's first batch, so that the layers can be clustered
+    together (`kmeans_layers`) without a copy."""
+
+    def __init__(self, layers: Iterable[int]) -> None:
+        self.layers = sorted(set(layers))
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.rows: torch.Tensor | None = None  # (L, K, D)
+        self.keys: torch.Tensor | None = None  # (L, K)
+
+    def slot(
+        self, layer: int, capacity: int, dim: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row (K, D) and key (K,) buffers of one layer."""
+        if self.rows is None or self.keys is None:
+            n = len(self.layers)
+            self.rows = torch.empty(n, capacity, dim, device=device)
+            self.keys = torch.empty(n, capacity, dtype=torch.int64, device=device)
+        if self.rows.shape[1:] != (capacity, dim):
+            raise ValueError(f"layer {layer}: {capacity} x {dim} rows in a {self.rows.shape} stack")
+        i = self.index[layer]
+        return self.rows[i], self.keys[i]
+
+    def cluster(self, accs: Sequence[KMeansAccumulator]) -> None:
+        """Set the ``result`` of the accumulators of every layer (in `layers` order) at once,
+        then free the buffers.
+
+        Each layer's rows are sorted by key in place (the order of
+        `BottomKReservoir.sorted_rows`), so each result is the accumulator's own `finalize`.
+        """
+        if self.rows is None or self.keys is None:
+            raise ValueError("the stack holds no rows")
+        acc0 = accs[0]
+        m = acc0.reservoir.size
+        for i, acc in enumerate(accs):
+            same = (acc.prompt_len, acc.iters, acc.seed) == (acc0.prompt_len, acc0.iters, acc0.seed)
+            if not same or acc.reservoir.size != m or acc.layer != self.layers[i]:
+                raise ValueError(f"layer {acc.layer}: not clustered like layer {acc0.layer}")
+        x = self.rows[:, :m]  # (L, M, D)
+        _permute_rows_(x, self.keys[:, :m].argsort(1))  # ascending keys
+        seeds = [stream_seed(acc0.seed, layer) for layer in self.layers]
+        results = kmeans_layers(x, acc0.prompt_len, acc0.iters, seeds, in_place=True)
+        self.rows = self.keys = None
+        for acc, result in zip(accs, results, strict=True):
+            acc.result = result
+            r = acc.reservoir  # held views of the stack's buffers: let them go
+            r.rows, r.keys = r.rows.new_empty(0, r.rows.shape[1]), r.keys.new_empty(0)
 
 
 # ------------------------------------------------------------------------------------ k-means
@@ -332,11 +415,45 @@ class KMeansResult:
     iters: int
 
 
+# How the layers are batched. The big products (distances of every row to the centres or to
+# the k-means++ candidates, the cluster sums) run as one call over all layers. Small steps stay
+# per layer: an elementwise op on L x M elements is above ATen's grain size (32768) and opens an
+# OpenMP parallel region, which with two threads on a busy machine waits for a scheduler slice
+# (10-90 ms measured on a shared 2-core machine), while the same op on one layer's M elements
+# runs inline in microseconds. ``index_add_`` opens regions even for a single row, so the sums
+# use a sparse product instead (`_cluster_sums`).
+_CHUNK_BYTES = 64 * 2**20
+"""Most bytes of one batched distance matrix; more layers are done in several calls."""
+
+
+def _layer_chunks(layers: int, bytes_per_layer: int) -> list[slice]:
+    """Slices of consecutive layers whose temporaries stay within `_CHUNK_BYTES` together."""
+    step = max(1, _CHUNK_BYTES // max(bytes_per_layer, 1))
+    return [slice(a, min(a + step, layers)) for a in range(0, layers, step)]
+
+
 def sq_distances(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances (M, k) between rows of x (M, D) and c (k, D)."""
     xx = (x * x).sum(1) if xx is None else xx  # (M,)
-    d = xx[:, None] - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]  # (M, k)
+    return _sq_distances(xx, x @ c.T, c)
+
+
+def _sq_distances(xx: torch.Tensor, xc: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`sq_distances` from the row norms xx (M,) and the products xc = x c^T (M, k)."""
+    d = xx[:, None] - 2.0 * xc + (c * c).sum(1)[None, :]  # (M, k)
     return d.clamp_min_(0.0)
+
+
+def _sq_norms(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Squared norms (L, M) of the rows of x (L, M, D), through one reused (block, D) buffer."""
+    n_layers, m, dim = x.shape
+    out = x.new_empty(n_layers, m)  # (L, M)
+    buf = x.new_empty(min(block, m), dim)  # (b, D)
+    for i in range(n_layers):
+        for a in range(0, m, block):
+            part = x[i, a : a + block]  # (b, D)
+            torch.sum(torch.mul(part, part, out=buf[: part.shape[0]]), 1, out=out[i, a : a + block])
+    return out
 
 
 def _draw(weights: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -350,22 +467,37 @@ def _draw(weights: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_max_(weights.numel() - 1)  # weight > 0
 
 
+def _kmeans_plusplus(
+    x: torch.Tensor, k: int, gens: Sequence[torch.Generator], xx: torch.Tensor
+) -> torch.Tensor:
+    """Greedy k-means++ seeding of every layer of x (L, M, D) (row norms xx (L, M)) at once:
+    the chosen row indices (L, k). Layer i's draws come from ``gens[i]``."""
+    n_layers, m, dim = x.shape
+    trials = 2 + int(math.log(k))
+    chosen = torch.empty(n_layers, k, dtype=torch.long)  # (L, k), on the host
+    chosen[:, 0] = torch.cat([torch.randint(m, (1,), generator=g) for g in gens])
+    picked = x.new_empty(n_layers, trials, dim)  # (L, t, D): each layer's candidate rows
+    for i in range(n_layers):
+        picked[i, :1] = x[i, chosen[i, :1].to(x.device)]
+    xc = torch.bmm(x, picked[:, :1].transpose(1, 2))  # (L, M, 1)
+    d2 = [_sq_distances(xx[i], xc[i], picked[i, :1])[:, 0] for i in range(n_layers)]  # (M,) each
+    for j in range(1, k):
+        cands = [_draw(d2[i], trials, gens[i]) for i in range(n_layers)]  # (t,) each
+        for i, cand in enumerate(cands):
+            torch.index_select(x[i], 0, cand, out=picked[i])
+        xc = torch.bmm(x, picked.transpose(1, 2))  # (L, M, t): the one big product per step
+        for i, cand in enumerate(cands):
+            dc = torch.minimum(_sq_distances(xx[i], xc[i], picked[i]), d2[i][:, None])  # (M, t)
+            best = int(dc.sum(0).argmin())
+            chosen[i, j] = int(cand[best])
+            d2[i] = dc[:, best]  # (M,)
+    return chosen.to(x.device)
+
+
 def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Greedy k-means++ seeding: each step draws 2 + ln k candidates by D^2 weighting and keeps
     the one that lowers the potential most. Returns k centres (k, D)."""
-    m = x.shape[0]
-    trials = 2 + int(math.log(k))
-    xx = (x * x).sum(1)  # (M,)
-    first = int(torch.randint(m, (1,), generator=gen))
-    centres = [x[first]]
-    d2 = sq_distances(x, x[first : first + 1], xx)[:, 0]  # (M,)
-    for _ in range(1, k):
-        cand = _draw(d2, trials, gen)  # (t,)
-        dc = torch.minimum(sq_distances(x, x[cand], xx), d2[:, None])  # (M, t)
-        best = int(dc.sum(0).argmin())
-        centres.append(x[cand[best]])
-        d2 = dc[:, best]  # (M,)
-    return torch.stack(centres)  # (k, D)
+    return x[_kmeans_plusplus(x[None], k, [gen], _sq_norms(x[None]))[0]]  # (k, D)
 
 
 def kmeans(
@@ -387,56 +519,170 @@ def kmeans(
     Returns:
         The centres, their inertia on all rows, and the Lloyd iterations run on all rows.
     """
-    gen = torch.Generator().manual_seed(seed)
-    x = x.float()
+    return kmeans_layers(x.float()[None], k, iters, [seed], tol, sample_size)[0]
+
+
+def kmeans_layers(
+    x: torch.Tensor,
+    k: int,
+    iters: int,
+    seeds: Sequence[int],
+    tol: float = 1e-4,
+    sample_size: int = 4096,
+    *,
+    in_place: bool = False,
+) -> list[KMeansResult]:
+    """`kmeans` of every layer of x (L, M, D) together: the same results as the L separate calls
+    ``kmeans(x[i], k, iters, seeds[i], tol, sample_size)``, with the big products batched.
+
+    Args:
+        x: float rows (L, M, D): L independent problems of the same size.
+        in_place: let the sample phase reorder the rows of x in place (no copy of the sample;
+            x holds the same rows in the same order again on return), else copy the sample.
+    """
+    n_layers, m, _ = x.shape
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     s = max(sample_size, 32 * k)
-    if x.shape[0] > s:
-        sample = x[torch.randperm(x.shape[0], generator=gen)[:s].to(x.device)]  # (S, D)
-        c, _, _ = _lloyd(sample, kmeans_plusplus(sample, k, gen), iters, tol)
+    rows = torch.arange(n_layers, device=x.device)[:, None]  # (L, 1)
+    xx = _sq_norms(x)  # (L, M); a row's norm is the same in the sample
+    if m > s:
+        perms = torch.stack([torch.randperm(m, generator=g) for g in gens]).to(x.device)  # (L, M)
+        picked = perms[:, :s]  # (L, S)
+        if in_place:
+            _permute_rows_(x, perms)  # layer i's sample is now x[i, :s], in draw order
+            sample = x[:, :s]  # (L, S, D) view
+        else:
+            sample = x[rows, picked]  # (L, S, D) copy
+        sxx = xx.gather(1, picked)  # (L, S)
+        c = sample[rows, _kmeans_plusplus(sample, k, gens, sxx)]  # (L, k, D)
+        c, _, _ = _lloyd(sample, c, iters, tol, sxx)
+        if in_place:
+            _permute_rows_(x, perms.argsort(1))  # back to the caller's order
     else:
-        c = kmeans_plusplus(x, k, gen)  # (k, D)
-    c, inertia, done = _lloyd(x, c, iters, tol)
-    return KMeansResult(centres=c, inertia=inertia, iters=done)
+        c = x[rows, _kmeans_plusplus(x, k, gens, xx)]  # (L, k, D)
+    c, inertia, done = _lloyd(x, c, iters, tol, xx)
+    return [KMeansResult(c[i], inertia[i], done[i]) for i in range(n_layers)]
+
+
+def _permute_rows_(x: torch.Tensor, order: torch.Tensor) -> None:
+    """x[i] = x[i, order[i]] for every layer i of x (L, M, D), through one (M, D) buffer."""
+    buf = x.new_empty(x.shape[1:])  # (M, D)
+    for i in range(x.shape[0]):
+        x[i].copy_(torch.index_select(x[i], 0, order[i], out=buf))
 
 
 def _lloyd(
-    x: torch.Tensor, c: torch.Tensor, iters: int, tol: float
-) -> tuple[torch.Tensor, float, int]:
-    """Lloyd iterations from centres c (k, D): centres, inertia, iterations run."""
-    xx = (x * x).sum(1)  # (M,)
-    assign, inertia = _assign(x, c, xx)
-    done = 0
-    for done in range(1, iters + 1):  # noqa: B007 (the count is reported)
-        c = _update_centres(x, assign, c, xx)
-        new, new_inertia = _assign(x, c, xx)
-        converged = torch.equal(new, assign) or inertia - new_inertia <= tol * inertia
-        assign, inertia = new, new_inertia
-        if converged:
+    x: torch.Tensor, c: torch.Tensor, iters: int, tol: float, xx: torch.Tensor
+) -> tuple[torch.Tensor, list[float], list[int]]:
+    """Lloyd iterations on every layer of x (L, M, D) (row norms xx (L, M)) from centres c
+    (L, k, D).
+
+    Each layer stops on its own test, as a separate run would; only the layers still running
+    are computed, in runs of consecutive layers (views, no copies).
+
+    Returns:
+        Centres (L, k, D), and per layer the inertia and the iterations run.
+    """
+    n_layers = x.shape[0]
+    c = c.clone()
+    assign, inertia_t = _assign(x, c, xx)  # (L, M), (L,)
+    inertia = inertia_t.tolist()
+    done = [0] * n_layers
+    active = list(range(n_layers))
+    for it in range(1, iters + 1):
+        same: list[bool] = []
+        values: list[torch.Tensor] = []
+        for sl in _runs(active):
+            _update_centres_(x[sl], assign[sl], c[sl], xx[sl])
+            new, new_inertia = _assign(x[sl], c[sl], xx[sl])  # (l, M), (l,)
+            for i, row in enumerate(assign[sl]):  # per layer (see the note on batching)
+                same.append(torch.equal(new[i], row))
+                row.copy_(new[i])
+            values.append(new_inertia)
+        still = []
+        for i, unchanged, now in zip(active, same, torch.cat(values).tolist(), strict=True):
+            converged = unchanged or inertia[i] - now <= tol * inertia[i]
+            inertia[i], done[i] = now, it
+            if not converged:
+                still.append(i)
+        active = still
+        if not active:
             break
     return c, inertia, done
 
 
-def _assign(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Nearest centre of each row (M,) and the inertia (sum of squared distances)."""
-    d = torch.addmm((c * c).sum(1)[None, :], x, c.T, alpha=-2.0)  # (M, k): |c|^2 - 2 x.c
-    best, assign = d.min(1)  # (M,), (M,)
-    return assign, float((best + xx).clamp_min_(0.0).sum())
+def _runs(layers: list[int]) -> list[slice]:
+    """Maximal runs of consecutive indices in a sorted list, as slices."""
+    runs: list[slice] = []
+    for i in layers:
+        if runs and runs[-1].stop == i:
+            runs[-1] = slice(runs[-1].start, i + 1)
+        else:
+            runs.append(slice(i, i + 1))
+    return runs
 
 
-def _update_centres(
+def _assign(
+    x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre of each row (L, M) and the inertia (L,) (sums of squared distances)."""
+    n_layers, m, _ = x.shape
+    k = c.shape[1]
+    assign = torch.empty(n_layers, m, dtype=torch.long, device=x.device)  # (L, M)
+    best = x.new_empty(n_layers, m)  # (L, M)
+    for sl in _layer_chunks(n_layers, m * k * x.element_size()):
+        cc = (c[sl] * c[sl]).sum(2)[:, None, :]  # (l, 1, k)
+        d = torch.baddbmm(cc, x[sl], c[sl].transpose(1, 2), alpha=-2.0)  # (l, M, k): |c|^2 - 2 x.c
+        torch.min(d, 2, out=(best[sl], assign[sl]))
+    inertia = torch.stack([(b + r).clamp_min_(0.0).sum() for b, r in zip(best, xx, strict=True)])
+    return assign, inertia
+
+
+def _update_centres_(
     x: torch.Tensor, assign: torch.Tensor, c: torch.Tensor, xx: torch.Tensor
-) -> torch.Tensor:
-    """Means of the clusters (k, D); empty clusters move to the worst-served rows."""
-    k = c.shape[0]
-    sums = torch.zeros_like(c).index_add_(0, assign, x)  # (k, D)
-    counts = torch.bincount(assign, minlength=k)  # (k,)
-    new = sums / counts.clamp_min(1)[:, None].to(x.dtype)  # (k, D)
-    empty = (counts == 0).nonzero().squeeze(1)
-    if empty.numel():
-        own = sq_distances(x, c, xx).gather(1, assign[:, None])[:, 0]  # (M,)
-        far = own.topk(empty.numel()).indices  # (e,)
-        new[empty] = x[far]
-    return new
+) -> None:
+    """Move the centres c (L, k, D) to the means of their clusters, in place; an emptied cluster
+    takes the row farthest from its centre."""
+    k = c.shape[1]
+    sums = _cluster_sums(x, assign, k)  # (L, k, D)
+    counts = torch.stack([torch.bincount(a, minlength=k) for a in assign])  # (L, k)
+    moved = {}  # layer -> (emptied clusters, rows they take), from the old centres
+    for i in (counts == 0).any(1).nonzero().flatten().tolist():
+        lost = (counts[i] == 0).nonzero().squeeze(1)  # (e,)
+        own = sq_distances(x[i], c[i], xx[i]).gather(1, assign[i, :, None])[:, 0]  # (M,)
+        moved[i] = (lost, x[i, own.topk(lost.numel()).indices])
+    torch.div(sums, counts.clamp_min(1)[..., None].to(x.dtype), out=c)
+    for i, (lost, rows) in moved.items():
+        c[i, lost] = rows
+
+
+def _cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Per layer, the sum of the rows of x (L, M, D) in each of the k clusters: (L, k, D).
+
+    Each sum adds its rows one by one in row order, like ``index_add_`` on one layer, so the
+    result does not depend on the thread count. One sparse (L k, L M) x (L M, D) product does
+    every layer: it runs one parallel region over the sums, where ``index_add_`` starts regions
+    even for a few rows and ``index_put_(accumulate=True)`` adds in a thread-dependent order.
+    """
+    n_layers, m, dim = x.shape
+    step = x.stride(0) // dim if x.stride(0) % dim == 0 else 0
+    if x.stride(2) != 1 or x.stride(1) != dim or step < m or x.device.type != "cpu":
+        sums = x.new_zeros(n_layers, k, dim)
+        for i in range(n_layers):
+            sums[i].index_add_(0, assign[i], x[i])
+        return sums
+    # The layers' rows as one (R, D) matrix over x's storage: layer i's row r is row i step + r.
+    rows = x.as_strided(((n_layers - 1) * step + m, dim), (dim, 1))
+    offsets = torch.arange(n_layers, device=x.device)[:, None]  # (L, 1)
+    target = (assign + offsets * k).flatten()  # (L M,)
+    source = (torch.arange(m, device=x.device) + offsets * step).flatten()  # (L M,)
+    onehot = torch.sparse_coo_tensor(
+        torch.stack([target, source]),
+        x.new_ones(n_layers * m),
+        (n_layers * k, rows.shape[0]),
+        check_invariants=False,
+    )
+    return torch.sparse.mm(onehot, rows).view(n_layers, k, dim)
 
 
 # ------------------------------------------------------------------------------ the frozen pass
@@ -478,8 +724,10 @@ def _make_accumulator(
     seed: int,
     kmeans_iters: int,
     expected_images: int | None,
+    stack: LayerStack | None = None,
 ) -> Accumulator:
-    """The accumulator for one layer, sized from its first batch of tokens (B, N, D)."""
+    """The accumulator for one layer, sized from its first batch of tokens (B, N, D); ``kmeans``
+    reservoirs live in ``stack`` if given."""
     _, n, dim = tokens.shape
     if strategy in ("mean-pool", "max-pool"):
         if prompt_len > n:
@@ -495,7 +743,9 @@ def _make_accumulator(
         return RandomTokensAccumulator(prompt_len, dim, seed, layer, tokens.device)
     capacity = token_budget if expected_images is None else min(token_budget, expected_images * n)
     capacity = max(capacity, prompt_len)
-    return KMeansAccumulator(prompt_len, capacity, dim, seed, layer, kmeans_iters, tokens.device)
+    return KMeansAccumulator(
+        prompt_len, capacity, dim, seed, layer, kmeans_iters, tokens.device, stack
+    )
 
 
 def _expected_images(loader: Iterable[Any], max_images: int | None, batch: int) -> int | None:
@@ -624,12 +874,21 @@ def compute_prototypes(
     prefix = int(getattr(backbone, "num_prefix_tokens", 0))
     expected: int | None = max_images  # refined from the loader at the first batch
     accs: dict[int, Accumulator] = {}
+    stack = LayerStack(layers) if strategy == "kmeans" else None
 
     def on_block_input(layer: int, x: torch.Tensor) -> None:
         tokens = x[:, prefix:].float()  # (B, N, D) patch tokens only
         if layer not in accs:
             accs[layer] = _make_accumulator(
-                strategy, layer, prompt_len, tokens, token_budget, seed, kmeans_iters, expected
+                strategy,
+                layer,
+                prompt_len,
+                tokens,
+                token_budget,
+                seed,
+                kmeans_iters,
+                expected,
+                stack,
             )
             stats.tokens_per_image = tokens.shape[1]
         accs[layer].update(tokens)
@@ -658,7 +917,7 @@ def compute_prototypes(
     stats.forward_seconds = time.perf_counter() - start
     if stats.images == 0:
         raise DataError("the loader gave no images to compute SPT prototypes from")
-    return _finalize(accs, layers, prompt_len, strategy, stats)
+    return _finalize(accs, layers, prompt_len, strategy, stats, stack)
 
 
 def _image_batches(loader: Iterable[Any], max_images: int | None) -> Iterator[torch.Tensor]:
@@ -681,8 +940,10 @@ def _finalize(
     prompt_len: int,
     strategy: Strategy,
     stats: PrototypeStats,
+    stack: LayerStack | None = None,
 ) -> torch.Tensor:
-    """Read the prototypes out of the accumulators: (L, P, D)."""
+    """Read the prototypes out of the accumulators: (L, P, D). The ``kmeans`` layers in
+    ``stack`` are clustered together."""
     pool = stats.images * stats.tokens_per_image
     if strategy in ("random-tokens", "kmeans") and pool < prompt_len:
         raise DataError(
@@ -692,6 +953,8 @@ def _finalize(
     stats.buffer_rows = max(a.buffer_rows for a in accs.values())
     stats.buffer_bytes = sum(a.buffer_bytes for a in accs.values())
     start = time.perf_counter()
+    if stack is not None:  # every layer's k-means at once
+        stack.cluster([cast(KMeansAccumulator, accs[i]) for i in stack.layers])
     out = []
     for i in layers:
         acc = accs[i]
