@@ -1013,7 +1013,8 @@ def context_lines(s: dict[str, dict[str, Any]], b: str = "vit-b16") -> list[str]
             f"Taking our reference path as the straightforward timm prompt model, the fast path "
             f"would be about {sp * official:.2f}x the official code's throughput (goal 1.5x). "
             f"Absolute numbers here: fast {fast['img_s']:.2f} img/s, reference "
-            f"{ref['img_s']:.2f} img/s (this machine was loaded much more heavily)."
+            f"{ref['img_s']:.2f} img/s (another machine and load than the reference "
+            "measurement: compare ratios, not absolute numbers)."
         )
     return lines
 
