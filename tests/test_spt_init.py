@@ -13,13 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import vprompt.methods.spt as spt
 from vprompt.methods.vpt import embed_tokens
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------- per-layer reference
