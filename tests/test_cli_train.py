@@ -27,6 +27,18 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def start_train(args: list[str], step_delay: str, text: bool = False) -> subprocess.Popen:
+    """``python -m vprompt ARGS`` in a child process, slowed down after every optimizer step so
+    a test can interrupt it at a known point."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vprompt", *args],
+        env=subprocess_env(VPROMPT_DEBUG_STEP_DELAY=step_delay),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+    )
+
+
 def train_args(backbone: str, data: str, out: Path, *extra: str) -> list[str]:
     return [
         "train",
@@ -247,18 +259,7 @@ def test_resume_after_sigkill_matches_uninterrupted(
     assert invoke(*train_args(tiny_vit_spec, tiny_data_spec, ref, *common)).exit_code == 0
 
     cut = tmp_path / "cut"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vprompt",
-        *train_args(tiny_vit_spec, tiny_data_spec, cut, *common),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env(VPROMPT_DEBUG_STEP_DELAY="0.4"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_train(train_args(tiny_vit_spec, tiny_data_spec, cut, *common), step_delay="0.4")
     info = cut / "checkpoint.json"
     deadline = time.time() + 120
     try:
@@ -397,17 +398,9 @@ def test_ctrl_c_saves_and_says_how_to_resume(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vprompt",
-        *train_args(tiny_vit_spec, tiny_data_spec, run, "--method", "vpt-deep", "--epochs", "3"),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env(VPROMPT_DEBUG_STEP_DELAY="0.3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    proc = start_train(
+        train_args(tiny_vit_spec, tiny_data_spec, run, "--method", "vpt-deep", "--epochs", "3"),
+        step_delay="0.3",
         text=True,
     )
     steps = run / "steps.jsonl"
