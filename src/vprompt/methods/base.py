@@ -125,6 +125,11 @@ class Method(nn.Module):
         """Features before pooling: tokens (B, T, D) for ViTs, a map (B, C, H, W) for CNNs."""
         return backbone.forward_features(x)
 
+    def forward_first_token(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The first token of `forward_features` (the class token), (B, 1, D): all that pool
+        ``cls`` reads. A method may skip work that only the other tokens need."""
+        return self.forward_features(backbone, x)[:, :1]
+
     def backbone_parameters(self, backbone: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """The backbone weights this method trains, by name (none for prompt methods)."""
         return iter(())
@@ -289,6 +294,8 @@ class PromptedModel(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "cls":  # only the class token is read: methods may skip the rest
+            return self.forward_head(self.method.forward_first_token(self.backbone, x))
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:

@@ -11,12 +11,12 @@ Two execution paths compute the same logits for VPT-deep:
   prompts' keys and values, and since prompts do not depend on the image these are computed once
   per forward for the whole batch. The image tokens attend to ``[prompt K/V, own K/V]`` through
   fused scaled-dot-product attention; queries, attention outputs and MLP run for image tokens
-  only. In training on CPU, where P >= T (and always in the first block) the attention backward
-  is split into an image part (the flash backward over the T image keys) and a prompt part
-  (plain matmuls with the batch folded into the query rows), see `PromptKVAttention`; no
-  concatenated K/V are kept for backward, so memory does not grow with P. What is left of the
-  cost of P is the arithmetic of attending to P more keys (about 14 * B * T * P * D flops per
-  block, forward plus backward).
+  only. In training on CPU the attention backward is split into an image part (the flash
+  backward over the T image keys) and a prompt part (plain matmuls with the batch folded into
+  the query rows), see `PromptKVAttention`; no concatenated K/V are kept for backward, so memory
+  does not grow with P. What is left of the cost of P is the arithmetic of attending to P more
+  keys (about 14 * B * T * P * D flops per block, forward plus backward). A model pooled by its
+  class token runs the last block for that token's row alone (`VPT.forward_first_token`).
 """
 
 from __future__ import annotations
@@ -166,22 +166,21 @@ def use_split_backward(
 ) -> bool:
     """Whether `PromptKVAttention` runs for this block, and not plain fused SDPA.
 
-    Only where it is exact: prompt keys/values shared by the batch (not per-sample prompt
-    dropout), no mask (serving pads prompt lengths), no attention dropout, CPU fp32/fp64 (it calls
-    the CPU flash kernels; in half precision its matmuls would round differently). Only where it
-    pays, which is in backward: always if the image queries need no gradient (the first block,
-    whose image backward it skips), else from P >= T prompts, where its matmuls beat the flash
-    backward over P + T keys (measured on ViT-S/14 at 112 px and ViT-B/16 at 224 px; below that
-    its fixed costs, folding copies and small matmuls, make it slower). Forward-only runs keep
-    fused SDPA.
+    Wherever it is exact and there is a backward: prompt keys/values shared by the batch (not
+    per-sample prompt dropout), no mask (serving pads prompt lengths), no attention dropout, CPU
+    fp32/fp64 (it calls the CPU flash kernels; in half precision its matmuls would round
+    differently), gradients enabled and wanted for the prompts. It saves less for backward than
+    fused SDPA over the concatenated keys (no (B, H, P + T, hd) K/V copies, no separate copy of
+    q) at every prompt length; its step time is within noise of the fused path where the prompts
+    are fewer than the tokens (ViT-B/16, 224 px, P = 10 and 50) and shorter from P >= T, and when
+    the image queries need no gradient (the first block) it skips their backward. Forward-only
+    runs keep fused SDPA.
     """
     if attn_mask is not None or dropout > 0.0 or pk.shape[0] != 1 or not _HAS_CPU_FLASH:
         return False
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return False
-    if not torch.is_grad_enabled() or not (pk.requires_grad or pv.requires_grad):
-        return False
-    return not q.requires_grad or pk.shape[2] >= q.shape[2]
+    return torch.is_grad_enabled() and (pk.requires_grad or pv.requires_grad)
 
 
 def _fold_batch(t: torch.Tensor) -> torch.Tensor:
@@ -289,6 +288,7 @@ def block_with_prompt_kv(
     pk: torch.Tensor,
     pv: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """One timm `Block` on image tokens that also attend to prompt keys/values.
 
@@ -297,22 +297,29 @@ def block_with_prompt_kv(
         pk: prompt keys (1 or B, H, P, hd); pv: prompt values, same shape.
         attn_mask: optional boolean mask (B, 1, 1, P + T), True where a row may attend (used to
             serve tasks with different prompt lengths, zero-padded, in one batch).
+        rows: compute the output of the first ``rows`` tokens only (all T tokens still serve as
+            keys and values). The last block of a model pooled by its class token needs one.
 
     Returns:
-        The block's output for the image tokens, (B, T, D): exactly what the full block computes
-        at those positions when the prompt tokens are part of its input.
+        The block's output for the image tokens, (B, T, D) (or (B, rows, D)): exactly what the
+        full block computes at those positions when the prompt tokens are part of its input.
 
     The attention is fused SDPA over ``[prompt K/V, image K/V]``, or, when `use_split_backward`
-    says so (training on CPU with P >= T, and the first block), `PromptKVAttention`: the same
-    forward with a backward split into image and prompt keys. Both are exact; the choice is
-    made per call, so serving (masked, no grad) and attention dropout keep fused SDPA.
+    says so (training on the CPU with prompts shared by the batch), `PromptKVAttention`: the
+    same forward with a backward split into image and prompt keys. Both are exact; the choice is
+    made per call, so serving (masked, no grad), attention dropout and per-sample prompts keep
+    fused SDPA.
     """
     attn = block.attn
     B, T, _ = x.shape
     h = block.norm1(x)
-    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # each (B, H, T, hd)
+    if rows is not None and rows < T:
+        x, h, q, T = x[:, :rows], h[:, :rows], q[:, :, :rows], rows  # queries of the kept rows
+        if attn_mask is not None:
+            attn_mask = attn_mask[:, :, :rows] if attn_mask.shape[2] > 1 else attn_mask
+    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
     if use_split_backward(q, pk, pv, attn_mask, dropout):
@@ -410,17 +417,35 @@ class VPT(Method):
             x = self._blocks_reference(backbone, x)
         return backbone.norm(x)
 
+    def forward_first_token(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """On the fast path the last block computes the class token's row alone: its queries,
+        attention output, projection and MLP for one token instead of prefix + N (the other
+        tokens still give keys and values). About 1/depth less compute and saved activations
+        for models pooled by their class token; exact like the rest of the fast path."""
+        if not self.fast_path:
+            return super().forward_first_token(backbone, x)
+        x = embed_tokens(backbone, x)  # (B, prefix + N, D)
+        return backbone.norm(self._blocks_fast(backbone, x, last_rows=1))  # (B, 1, D)
+
     def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _blocks_fast(self, backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    def _blocks_fast(
+        self, backbone: VisionTransformer, x: torch.Tensor, last_rows: int | None = None
+    ) -> torch.Tensor:
         B = x.shape[0]
+        depth = len(backbone.blocks)
         for i, block in enumerate(backbone.blocks):
             pk, pv = prompt_kv(block, self.layer_prompts(i, B))  # (1|B, H, P, hd)
-            x = self._run(lambda t, k, v, blk=block: block_with_prompt_kv(blk, t, k, v), x, pk, pv)
-        return x  # (B, prefix + N, D)
+            rows = last_rows if i == depth - 1 else None
+
+            def run(t, k, v, blk=block, rows=rows):
+                return block_with_prompt_kv(blk, t, k, v, rows=rows)
+
+            x = self._run(run, x, pk, pv)
+        return x  # (B, prefix + N, D), or (B, last_rows, D)
 
     def _blocks_reference(self, backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
