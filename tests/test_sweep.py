@@ -649,3 +649,31 @@ def test_search_benchmark_quick(tmp_path: Path) -> None:
     assert row["halving"]["trial_epochs"] < row["grid"]["trial_epochs"] == 64
     assert (tmp_path / "search.quick.png").read_bytes()[:4] == b"\x89PNG"
     assert "halving (live)" in (tmp_path / "search.quick.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "reused"),
+    [
+        ({}, True),
+        ({"device": "cpu", "workers": 2, "eval_batch_size": 64}, True),  # where, not what
+        ({"min_lr": 1e-3}, False),
+        ({"grad_clip": 1.0}, False),
+        ({"img_size": 48}, False),
+        ({"lr_scaling": "none"}, False),
+        ({"method_options": {"prompt_len": 3}}, False),
+        ({"seed": 1}, False),
+    ],
+)
+def test_final_run_is_reused_only_with_every_result_changing_option_equal(
+    tmp_path: Path, change: dict[str, Any], reused: bool
+) -> None:
+    from vprompt.engine.config import TrainConfig, config_yaml
+    from vprompt.sweep.runner import _same_run
+
+    base = TrainConfig(
+        backbone=TINY_VIT, data="builtin:digits", method="vpt-deep", lr=0.5, wd=0.0, epochs=2,
+        method_options={"prompt_len": 2},
+    )  # fmt: skip
+    (tmp_path / "config.yaml").write_text(config_yaml(base, {}, "test"))
+    wanted = {**base.to_dict(), **change}
+    assert _same_run(tmp_path, wanted) is reused

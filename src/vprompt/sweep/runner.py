@@ -223,30 +223,12 @@ def _train_search_trial(
     return None
 
 
-_COMPARED = (
-    "backbone",
-    "data",
-    "method",
-    "lr",
-    "wd",
-    "seed",
-    "data_seed",
-    "epochs",
-    "batch_size",
-    "merge_train_val",
-    "train_size",
-    "val_size",
-    "test_size",
-    "optimizer",
-    "augment",
-    "warmup_epochs",
-    "precision",
-)
-
-
 def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a run (finished or not) of the same options."""
+    """Whether ``run_dir`` holds a run (finished or not) of the same options: every training
+    option that can change results (all but `NO_EFFECT`) must agree."""
     import yaml
+
+    from vprompt.sweep.spec import NO_EFFECT
 
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -257,10 +239,13 @@ def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
         return False
     if not isinstance(have, dict):
         return False
+    # as config.yaml stores them (tuples become lists)
+    wanted = yaml.safe_load(yaml.safe_dump(wanted))
     # config.yaml holds every method option (defaults filled in): the wanted ones must agree.
     options = have.get("method_options") or {}
     same_options = all(options.get(k) == v for k, v in (wanted.get("method_options") or {}).items())
-    return same_options and all(have.get(k) == wanted.get(k) for k in _COMPARED)
+    compared = set(wanted) - NO_EFFECT - {"method_options"}
+    return same_options and all(k in have and have[k] == wanted[k] for k in compared)
 
 
 def _finished_final(run_dir: Path) -> FinalRun | None:

@@ -18,20 +18,18 @@ from vprompt.sweep.grids import GridPoint, default_grid, grid_points, parse_valu
 Search = Literal["grid", "halving"]
 SEARCHES: tuple[str, ...] = ("grid", "halving")
 
-NOT_IN_KEY: frozenset[str] = frozenset(
-    {
-        "device",
-        "workers",
-        "eval_batch_size",
-        "ckpt_every_steps",
-        "compile",
-        "lr",
-        "wd",
-        "merge_train_val",
-        "select",
-        "evaluate_test",
-    }
+NO_EFFECT: frozenset[str] = frozenset(
+    {"device", "workers", "eval_batch_size", "ckpt_every_steps", "compile"}
 )
+"""Training options that do not change a run's results (where and how fast it runs)."""
+
+NOT_IN_KEY: frozenset[str] = NO_EFFECT | {
+    "lr",
+    "wd",
+    "merge_train_val",
+    "select",
+    "evaluate_test",
+}
 """Training options left out of the study key: they do not change results, are searched, or are
 set by the protocol. (``seed`` and ``data_seed`` change results, so they are in the key.)"""
 
