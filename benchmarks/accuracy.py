@@ -581,7 +581,7 @@ def execute(job: Job) -> dict[str, Any]:
     """
     from vprompt._atomic import atomic_write_text
     from vprompt.engine import TrainingInterrupted, resume_run, train_run
-    from vprompt.errors import TrainingError, VPromptError
+    from vprompt.errors import TrainingDiverged, VPromptError
 
     run_dir = Path(job.run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -602,7 +602,7 @@ def execute(job: Job) -> dict[str, Any]:
                 try:
                     resume_run(run_dir)
                 except VPromptError as e:  # an unreadable checkpoint, a config that no longer
-                    if isinstance(e, TrainingInterrupted) or _diverged(e):  # resolves: retrain
+                    if isinstance(e, (TrainingInterrupted, TrainingDiverged)):  # resolves: retrain
                         raise
                     print(f"cannot resume ({e}); training afresh", flush=True)
                     how = "fresh"
@@ -611,20 +611,13 @@ def execute(job: Job) -> dict[str, Any]:
                 train_run(job.values, run_dir, overwrite=True)
         except TrainingInterrupted as e:
             return {"status": "interrupted", "message": str(e)}
-        except TrainingError as e:
-            if not _diverged(e):
-                raise
+        except TrainingDiverged as e:
             rec = _record(job, run_dir, "diverged", how, load_start, error=str(e))
             atomic_write_text(Path(job.record_path), json.dumps(rec, indent=1) + "\n")
             return rec
     rec = _record(job, run_dir, "ok", how, load_start)
     atomic_write_text(Path(job.record_path), json.dumps(rec, indent=1) + "\n")
     return rec
-
-
-def _diverged(error: Exception) -> bool:
-    text = str(error)
-    return "NaN/inf" in text or bool(re.search(r"loss is (nan|inf|-inf)", text))
 
 
 def _record(

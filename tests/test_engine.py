@@ -40,7 +40,7 @@ from vprompt.engine.optim import WarmupCosine, build_optimizer, param_groups
 from vprompt.engine.run import build_data, build_model
 from vprompt.engine.rundir import RunDir, read_jsonl
 from vprompt.engine.sampling import EpochBatches, global_batches, local_chunk, steps_per_epoch
-from vprompt.errors import ConfigError, DataError, TrainingError
+from vprompt.errors import ConfigError, DataError, TrainingDiverged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -261,7 +261,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     )  # epoch 1 and one step of epoch 2 are fine
     run = RunDir(tmp_path / "run")
     run.create()
-    with pytest.raises(TrainingError, match=r"epoch 2, step 2 of the epoch.*lower --lr"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2 of the epoch.*lower --lr"):
         fit(model, splits, cfg, sink=run)
     ckpt = load_checkpoint(run.path)
     assert ckpt["global_step"] == 4  # 3 steps of epoch 1 + 1 of epoch 2

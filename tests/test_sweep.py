@@ -677,3 +677,23 @@ def test_final_run_is_reused_only_with_every_result_changing_option_equal(
     (tmp_path / "config.yaml").write_text(config_yaml(base, {}, "test"))
     wanted = {**base.to_dict(), **change}
     assert _same_run(tmp_path, wanted) is reused
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_engine_trial_with_nan_loss_is_diverged_and_other_errors_propagate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vprompt.errors import TrainingError
+    from vprompt.sweep.runner import EngineRunner
+
+    values = {**TINY, "epochs": 1, "lr": 1e38, "wd": 0.0, "optimizer": "sgd", "grad_clip": 0.0}
+    progress = EngineRunner().advance(values, 1, tmp_path / "t")
+    assert progress.diverged and "loss is nan" in progress.diverged
+    assert progress.val == []  # no score: it can never be chosen
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TrainingError("rank 0 failed while setting up the run directory")
+
+    monkeypatch.setattr("vprompt.engine.fit", broken)
+    with pytest.raises(TrainingError, match="rank 0 failed"):  # not a diverged trial
+        EngineRunner().advance({**values, "lr": 0.5}, 1, tmp_path / "t2")

@@ -22,6 +22,7 @@ from vprompt.errors import (
     ConfigError,
     DataError,
     TaskError,
+    TrainingDiverged,
     TrainingError,
     VPromptError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "TaskError",
     "TaskInfo",
     "TrainConfig",
+    "TrainingDiverged",
     "TrainingError",
     "VPromptError",
     "__version__",

@@ -23,3 +23,7 @@ class TaskError(VPromptError):
 
 class TrainingError(VPromptError):
     """Training cannot go on (for example a NaN loss)."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss or the trained weights became NaN/inf (the last good checkpoint is kept)."""

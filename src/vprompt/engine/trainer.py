@@ -40,7 +40,7 @@ from vprompt.engine.features import head_inputs, use_feature_cache
 from vprompt.engine.optim import WarmupCosine, build_optimizer
 from vprompt.engine.progress import Reporter
 from vprompt.engine.sampling import EpochBatches, SeededItems, steps_per_epoch
-from vprompt.errors import ConfigError, TrainingError
+from vprompt.errors import ConfigError, TrainingDiverged, TrainingError
 from vprompt.methods.base import PromptedModel
 
 EpochHook = Callable[[int, dict[str, Any]], bool | None]
@@ -308,7 +308,7 @@ class Loop:
     def checkpoint_state(self, complete: bool = False) -> dict[str, Any]:
         model_state = trainable_state(self.model)
         if not all_finite(model_state):
-            raise TrainingError(
+            raise TrainingDiverged(
                 f"the weights became NaN/inf at epoch {self.state.epoch + 1}, step "
                 f"{self.state.global_step}; the last good checkpoint is kept. Lower --lr, set "
                 "--grad-clip 1.0, or use --precision fp32"
@@ -373,7 +373,7 @@ class Loop:
         stats = all_reduce_sum(stats, self.info).cpu()
         mean_loss = float(stats[0]) / global_n
         if not math.isfinite(mean_loss):
-            raise TrainingError(self._nan_message(mean_loss, lr))
+            raise TrainingDiverged(self._nan_message(mean_loss, lr))
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.optimizer_params(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -626,7 +626,7 @@ def fit(
         The history and final metrics; the model holds the selected weights.
 
     Raises:
-        TrainingError: a NaN/inf loss (the last good checkpoint is kept).
+        TrainingDiverged: a NaN/inf loss or weights (the last good checkpoint is kept).
         TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
     """
     info = info or DistInfo(device=pick_device(cfg.device))

@@ -193,8 +193,7 @@ def _train_search_trial(
     from vprompt.engine import fit, resolve_config
     from vprompt.engine.progress import Reporter
     from vprompt.engine.run import build_data, build_model
-    from vprompt.engine.trainer import TrainingInterrupted
-    from vprompt.errors import TrainingError
+    from vprompt.errors import TrainingDiverged
 
     cfg = resolve_config({**values, "evaluate_test": False})  # never see test
     backbone = _fresh_backbone(cfg.backbone, cfg.img_size)
@@ -216,9 +215,7 @@ def _train_search_trial(
             checkpoint=ckpt,
             on_epoch_end=lambda epoch, _record: epoch < target_epoch,
         )
-    except TrainingInterrupted:
-        raise
-    except TrainingError as e:
+    except TrainingDiverged as e:  # any other error is not the trial's score: it propagates
         return str(e)
     return None
 
