@@ -30,6 +30,7 @@ from vprompt.serve import (
     load_multitask,
 )
 from vprompt.serve.fixtures import save_random_task
+from vprompt.serve.groups import forward_prompt_kv
 from vprompt.serve.images import decode_base64, decode_image
 from vprompt.serve.metrics import Metrics, percentile
 from vprompt.tasks import TASK_JSON, TASK_TENSORS, load_task
@@ -141,6 +142,29 @@ def test_mixed_batch_subsets(multitask, references, subset, single_thread):
     subset = [n for n in subset if n in multitask]
     tasks = [subset[i % len(subset)] for i in range(7)]
     assert_matches_single_task(multitask, references, images(7, 3), tasks)
+
+
+def test_class_token_groups_run_the_last_block_on_one_row(multitask, references, single_thread):
+    """A prompt-kv group whose tasks all pool the class token skips the other rows of the last
+    block; without ``first_token_only`` the pass keeps every row."""
+    blocks = multitask.backbone.model.blocks
+    seen: list[int] = []
+    hook = blocks[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    try:
+        x = images(4, 5)
+        assert_matches_single_task(multitask, references, x, ["deep-p2", "deep-p5"] * 2)
+        assert seen[0] == 1  # the multi-task pass (the references ran after it)
+        seen.clear()
+        with torch.inference_mode():
+            feats = forward_prompt_kv(
+                multitask.backbone.model,
+                x[:2],
+                [multitask.get("deep-p2").cache],
+                [2],
+            )
+        assert feats.shape[1] > 1 and seen == [feats.shape[1]]
+    finally:
+        hook.remove()
 
 
 OTHER_BACKBONES = {

@@ -188,7 +188,11 @@ def prompt_mask(
 
 
 def forward_prompt_kv(
-    vit: VisionTransformer, x: torch.Tensor, caches: Sequence[PromptKV], counts: Sequence[int]
+    vit: VisionTransformer,
+    x: torch.Tensor,
+    caches: Sequence[PromptKV],
+    counts: Sequence[int],
+    first_token_only: bool = False,
 ) -> torch.Tensor:
     """Fast-path deep prompts of several tasks in one pass.
 
@@ -196,17 +200,22 @@ def forward_prompt_kv(
         vit: the shared frozen backbone.
         x: images (n, 3, H, W), sorted by task.
         caches: one per task, in row order; counts: rows per task.
+        first_token_only: every task reads only the class token (pool ``cls``): the last block
+            then computes that row alone.
 
     Returns:
-        Features (n, prefix + N, D), as each task's own `forward_features` gives them.
+        Features (n, prefix + N, D), as each task's own `forward_features` gives them, or their
+        first token (n, 1, D).
     """
     t = embed_tokens(vit, x)  # (n, prefix + N, D)
     lengths = [c.prompt_len for c in caches]
     mask = prompt_mask(lengths, counts, t.shape[1], t.device)  # (n, 1, 1, P + T) or None
+    last = len(vit.blocks) - 1
     for i, block in enumerate(vit.blocks):
         pk, pv = gather_kv(caches, i, counts, max(lengths))  # (1|n, H, P, hd)
-        t = block_with_prompt_kv(block, t, pk, pv, attn_mask=mask)
-    return vit.norm(t)  # (n, prefix + N, D)
+        rows = 1 if first_token_only and i == last else None
+        t = block_with_prompt_kv(block, t, pk, pv, attn_mask=mask, rows=rows)
+    return vit.norm(t)  # (n, prefix + N, D) or (n, 1, D)
 
 
 # ---------------------------------------------------------------------------------- prompt-tokens

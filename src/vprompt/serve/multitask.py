@@ -336,7 +336,7 @@ class MultiTaskModel:
         """Logits of one group's rows, written into ``out`` at their batch positions."""
         rows = [r for rs in members.values() for r in rs]
         x = images[torch.tensor(rows, device=self.device)]  # (n, 3, H, W), sorted by task
-        feats = self._features(key, x, members)  # (n, T, D) or (n, C, h, w)
+        feats = self._features(key, x, members)  # (n, T or 1, D) or (n, C, h, w)
         start = 0
         for entry, rs in members.items():
             logits = entry.model.forward_head(feats[start : start + len(rs)])  # (n_t, K)
@@ -352,7 +352,8 @@ class MultiTaskModel:
         caches: list[Any] = [e.cache for e in members]
         vit = self.backbone.model
         if key.kind == "prompt-kv":
-            return forward_prompt_kv(vit, x, caches, counts)
+            first_only = all(e.model.pool_type == "cls" for e in members)
+            return forward_prompt_kv(vit, x, caches, counts, first_token_only=first_only)
         if key.kind == "prompt-tokens":
             return forward_prompt_tokens(vit, x, caches, counts)
         if key.kind == "plain":
