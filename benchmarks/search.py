@@ -343,7 +343,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             )
         h, g = row["halving"], row["grid"]
         ax.set_title(
-            f"{row['data']}: halving {h['trial_epochs']}/{g['trial_epochs']} "
+            f"{row['data']}\nhalving {h['trial_epochs']}/{g['trial_epochs']} "
             f"trial-epochs, {100 * h['reach']:.1f}% of best val",
             fontsize=9,
         )
