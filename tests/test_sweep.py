@@ -648,7 +648,32 @@ def test_search_benchmark_quick(tmp_path: Path) -> None:
     assert row["live_matches_replay"]
     assert row["halving"]["trial_epochs"] < row["grid"]["trial_epochs"] == 64
     assert (tmp_path / "search.quick.png").read_bytes()[:4] == b"\x89PNG"
-    assert "halving (live)" in (tmp_path / "search.quick.md").read_text()
+    md = (tmp_path / "search.quick.md").read_text()
+    assert "halving (live)" in md
+    if row["halving"]["fraction"] <= 0.30:  # halving is one of the schedules the bound searches
+        assert row["schedule_bound"]["reach"] >= row["halving"]["reach"]
+    from benchmarks.search import render
+
+    render(tmp_path / "search.quick.json")  # recomputed from the stored curves: the same report
+    assert (tmp_path / "search.quick.md").read_text() == md
+
+
+def test_schedule_bound_finds_the_best_halving_schedule_within_budget() -> None:
+    from benchmarks.search import schedule_bound
+
+    a, b, c = GridPoint(0.1, 0.0), GridPoint(1.0, 0.0), GridPoint(10.0, 0.0)
+    curves = {
+        a: [0.5, 0.6, 0.7, 0.8],
+        b: [0.1, 0.2, 0.5, 0.9],  # the best, but behind until the last epoch
+        c: [0.3, 0.3, 0.3, 0.3],
+    }
+    full = schedule_bound(curves, budget=1.0)  # rung at epoch 3 keeping 2: 9 + 2 of 12
+    assert full["reach"] == 1.0 and full["choice"] == [1.0, 0.0]
+    assert (full["rungs"], full["keeps"], full["cost"]) == ([3], [2], 11)
+    half = schedule_bound(curves, budget=0.5)  # only rung 1 keeping 1 fits (3 + 3 of 12)
+    assert half["choice"] == [0.1, 0.0] and half["reach"] == pytest.approx(0.8 / 0.9)
+    assert half["cost"] == 6
+    assert "choice" not in schedule_bound(curves, budget=0.25)  # nothing fits in 3
 
 
 @pytest.mark.parametrize(
