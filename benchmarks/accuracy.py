@@ -65,6 +65,9 @@ BENCH_VERSION = 1
 """Bumped when the suite's protocol changes in a way the training options do not show."""
 
 TINY_CNN = "timm:test_efficientnet?pretrained=false"
+QUICK_VIT = TINY_VIT.replace("depth=2", "depth=4")
+"""The suites' tiny ViT with 4 blocks: Pro-tuning's default puts one prompt block per group of
+blocks in 4 groups."""
 
 HASH_EXCLUDED = ("lr", "seed", "device", "workers", "eval_batch_size", "ckpt_every_steps")
 """Options left out of the config hash: lr and seed are in the record's key; the others do not
@@ -163,7 +166,7 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
-PROMPT_VARIANTS = ("vpt-shallow", "vpt-deep", "spt-deep")
+PROMPT_VARIANTS = ("vpt-shallow", "vpt-deep", "spt-deep", "pro-tuning")
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,16 @@ FULL = Setup(
             "zoo:dinov2-s",
             "vit",
             112,
-            ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "spt-deep", "vpt-deep-adamw"),
+            (
+                "linear",
+                "full",
+                "bitfit",
+                "vpt-shallow",
+                "vpt-deep",
+                "spt-deep",
+                "pro-tuning",
+                "vpt-deep-adamw",
+            ),
             grids={"full": (0.25, 1.0)},
         ),
         BackboneSetting(
@@ -278,6 +290,7 @@ FULL = Setup(
         "dinov2-s/vpt-shallow": 420,
         "dinov2-s/vpt-deep": 375,
         "dinov2-s/spt-deep": 400,
+        "dinov2-s/pro-tuning": 400,
         "dinov2-s/vpt-deep-adamw": 375,
         "efficientnet-lite0/linear": 40,
         "efficientnet-lite0/full": 180,
@@ -288,7 +301,7 @@ QUICK = Setup(
     name="quick",
     datasets=(DataSetting("digits", "builtin:digits", 48, "tiny subsets of scikit-learn digits"),),
     backbones=(
-        BackboneSetting("vit-tiny", TINY_VIT, "vit", 32, FULL.backbones[0].variants),
+        BackboneSetting("vit-tiny", QUICK_VIT, "vit", 32, FULL.backbones[0].variants),
         BackboneSetting("cnn-tiny", TINY_CNN, "cnn", 32, FULL.backbones[1].variants),
     ),
     epochs=2,
@@ -388,8 +401,9 @@ def config_hash(values: dict[str, Any]) -> str:
 def build_cells(setup: Setup) -> list[Cell]:
     """Every cell of the suite, in the order the work is done.
 
-    Cheap linear probes first, then the cheap CNN cells, then the ViT cells dataset by dataset
-    (the prompt methods first, then full and BitFit), and the control cells last.
+    Cheap linear probes first, then the cheap CNN cells, then the ViT cells dataset by dataset:
+    the prompt methods first (each control right after the cell it controls, so a partial run
+    can already test the claim), then full fine-tuning, BitFit and Pro-tuning.
     """
     cells: list[Cell] = []
 
@@ -399,7 +413,7 @@ def build_cells(setup: Setup) -> list[Cell]:
         h = config_hash(train_values(setup, (data, bb, variant), lrs[0], 0))
         cells.append(Cell(data, bb, variant, lrs, h))
 
-    vit_first = ("vpt-deep", "vpt-shallow", "spt-deep", "full", "bitfit")
+    vit_first = ("vpt-deep", "vpt-shallow", "spt-deep", "vpt-deep-adamw", "full", "bitfit")
     for data in setup.datasets:
         for bb in setup.backbones:
             if "linear" in bb.variants:
@@ -411,14 +425,9 @@ def build_cells(setup: Setup) -> list[Cell]:
                     add(data, bb, key)
     for bb in (b for b in setup.backbones if b.role == "vit"):
         for data in setup.datasets:
-            rest = [k for k in bb.variants if k != "linear" and not VARIANTS[k].control]
+            rest = [k for k in bb.variants if k != "linear"]
             for key in sorted(rest, key=lambda k: vit_first.index(k) if k in vit_first else 99):
                 add(data, bb, key)
-    for bb in setup.backbones:
-        for data in setup.datasets:
-            for key in bb.variants:
-                if VARIANTS[key].control and bb.role == "vit":
-                    add(data, bb, key)
     return cells
 
 
