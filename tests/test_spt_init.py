@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 # --------------------------------------------------------------------- per-layer reference
 # One layer at a time, written plainly: greedy k-means++ on a sample, Lloyd on the sample, then
-# Lloyd on every row (the published description in docs/methods/spt.md).
+# Lloyd on every row (the description in docs/methods/spt.md).
 def ref_sq(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
     return (xx[:, None] - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]).clamp_min_(0.0)
 
@@ -74,12 +74,15 @@ def ref_lloyd(x, c, iters, tol=1e-4):
     return c, inertia, done
 
 
-def ref_kmeans(x, k, iters, seed, sample_size=4096):
+def ref_kmeans(x, k, iters, seed, sample_size=4096, seed_size=1024):
     gen = torch.Generator().manual_seed(seed)
-    s = max(sample_size, 32 * k)
-    if x.shape[0] > s:
-        sample = x[torch.randperm(x.shape[0], generator=gen)[:s]]
-        c, _, _ = ref_lloyd(sample, ref_plusplus(sample, k, gen), iters)
+    m, s = x.shape[0], max(sample_size, 32 * k)
+    s0 = min(s, max(seed_size, 20 * k))
+    if m > s0:  # seeding on a random subset, Lloyd on a random sample (its superset) if smaller
+        sample = x[torch.randperm(m, generator=gen)[:s]]
+        c = ref_plusplus(sample[:s0], k, gen)
+        if m > s:
+            c, _, _ = ref_lloyd(sample, c, iters)
     else:
         c = ref_plusplus(x, k, gen)
     return ref_lloyd(x, c, iters)
@@ -105,15 +108,25 @@ def blobs(layers: int, m: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- batched k-means
-@pytest.mark.parametrize(("m", "sample_size"), [(300, 4096), (900, 200)])  # one phase, two
-def test_kmeans_layers_equals_per_layer_reference(m, sample_size):
+@pytest.mark.parametrize(
+    ("m", "sample_size", "seed_size"),
+    [
+        (300, 4096, 1024),  # seeded on every row, Lloyd on every row
+        (900, 200, 1024),  # seeded on the sample (256 rows: 32 k), Lloyd on it, then every row
+        (600, 4096, 100),  # seeded on 160 rows (20 k), Lloyd on every row
+        (2000, 500, 100),  # seeded on 160 rows, Lloyd on 500, then every row
+    ],
+)
+def test_kmeans_layers_equals_per_layer_reference(m, sample_size, seed_size):
     x = blobs(5, m, 16)
     before = x.clone()
     seeds = [spt.stream_seed(3, i) for i in range(5)]
-    results = spt.kmeans_layers(x, 8, 30, seeds, sample_size=sample_size, in_place=True)
-    assert torch.equal(x, before)  # the sample phase put the rows back
+    results = spt.kmeans_layers(
+        x, 8, 30, seeds, sample_size=sample_size, seed_size=seed_size, in_place=True
+    )
+    assert torch.equal(x, before)  # the coarse phases put the rows back
     for i, result in enumerate(results):
-        assert_same(result, ref_kmeans(before[i], 8, 30, seeds[i], sample_size))
+        assert_same(result, ref_kmeans(before[i], 8, 30, seeds[i], sample_size, seed_size))
     assert len({r.iters for r in results}) > 1  # layers stopped at different iterations
 
 

@@ -507,19 +507,21 @@ def kmeans(
     seed: int,
     tol: float = 1e-4,
     sample_size: int = 4096,
+    seed_size: int = 1024,
 ) -> KMeansResult:
     """Lloyd's k-means on rows x (M, D), M >= k, seeded by greedy k-means++.
 
-    Coarse to fine: seeding and a first run of Lloyd iterations use a random sample of
-    ``max(sample_size, 32 k)`` rows (all rows if M is smaller), then Lloyd iterations on all rows
-    refine the centres. Each run stops after ``iters`` updates, or earlier when no row changes
-    cluster or an update lowers the inertia by less than ``tol`` (relative). An emptied cluster
-    takes the row farthest from its centre. Deterministic for a seed and a row order.
+    Coarse to fine: greedy k-means++ seeds on a random subset of ``max(seed_size, 20 k)`` rows,
+    Lloyd iterations refine the centres on a random sample of ``max(sample_size, 32 k)`` rows
+    (the subset's superset; skipped if it would hold every row), then on all rows. Each Lloyd run
+    stops after ``iters`` updates, or earlier when no row changes cluster or an update lowers the
+    inertia by less than ``tol`` (relative). An emptied cluster takes the row farthest from its
+    centre. Deterministic for a seed and a row order.
 
     Returns:
         The centres, their inertia on all rows, and the Lloyd iterations run on all rows.
     """
-    return kmeans_layers(x.float()[None], k, iters, [seed], tol, sample_size)[0]
+    return kmeans_layers(x.float()[None], k, iters, [seed], tol, sample_size, seed_size)[0]
 
 
 def kmeans_layers(
@@ -529,33 +531,37 @@ def kmeans_layers(
     seeds: Sequence[int],
     tol: float = 1e-4,
     sample_size: int = 4096,
+    seed_size: int = 1024,
     *,
     in_place: bool = False,
 ) -> list[KMeansResult]:
-    """`kmeans` of every layer of x (L, M, D) together: the same results as the L separate calls
-    ``kmeans(x[i], k, iters, seeds[i], tol, sample_size)``, with the big products batched.
+    """`kmeans` of every layer of x (L, M, D): the same results as the L separate calls
+    ``kmeans(x[i], k, iters, seeds[i], tol, sample_size, seed_size)``, with the big products
+    batched.
 
     Args:
         x: float rows (L, M, D): L independent problems of the same size.
-        in_place: let the sample phase reorder the rows of x in place (no copy of the sample;
+        in_place: let the coarse phases reorder the rows of x in place (no copy of the sample;
             x holds the same rows in the same order again on return), else copy the sample.
     """
     n_layers, m, _ = x.shape
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     s = max(sample_size, 32 * k)
+    s0 = min(s, max(seed_size, 20 * k))  # seeding rows: the first s0 of the sample
     rows = torch.arange(n_layers, device=x.device)[:, None]  # (L, 1)
     xx = _sq_norms(x)  # (L, M); a row's norm is the same in the sample
-    if m > s:
+    if m > s0:
         perms = torch.stack([torch.randperm(m, generator=g) for g in gens]).to(x.device)  # (L, M)
-        picked = perms[:, :s]  # (L, S)
+        picked = perms[:, : min(s, m)]  # (L, S)
         if in_place:
-            _permute_rows_(x, perms)  # layer i's sample is now x[i, :s], in draw order
-            sample = x[:, :s]  # (L, S, D) view
+            _permute_rows_(x, perms)  # layer i's sample is now x[i, :S], in draw order
+            sample = x[:, : picked.shape[1]]  # (L, S, D) view
         else:
             sample = x[rows, picked]  # (L, S, D) copy
         sxx = xx.gather(1, picked)  # (L, S)
-        c = sample[rows, _kmeans_plusplus(sample, k, gens, sxx)]  # (L, k, D)
-        c, _, _ = _lloyd(sample, c, iters, tol, sxx)
+        c = sample[rows, _kmeans_plusplus(sample[:, :s0], k, gens, sxx[:, :s0])]  # (L, k, D)
+        if m > s:
+            c, _, _ = _lloyd(sample, c, iters, tol, sxx)
         if in_place:
             _permute_rows_(x, perms.argsort(1))  # back to the caller's order
     else:
