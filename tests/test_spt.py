@@ -120,6 +120,9 @@ def test_registered_and_subclasses_vpt():
         {"project": 8},
         {"strategy": "median"},
         {"kmeans_iters": 0},
+        {"kmeans_tol": 1.0},
+        {"kmeans_tol": -1e-3},
+        {"kmeans_tol": "1e-3"},
         {"seed": -1},
         {"max_images": 0},
         {"token_budget": 2.5},
@@ -242,7 +245,7 @@ def test_kmeans_close_to_brute_force(vit):
 
 def test_kmeans_centres_are_cluster_means(vit):
     data = loader(40)
-    model = prepared(vit, strategy="kmeans", data=data, kmeans_iters=100)
+    model = prepared(vit, strategy="kmeans", data=data, kmeans_iters=100, kmeans_tol=0.0)
     assert max(model.method.prepare_stats.kmeans_iters) < 100  # converged
     for i, tokens in enumerate(block_inputs(vit, data)):
         pool = tokens.reshape(-1, tokens.shape[-1])  # (160, D)
@@ -250,6 +253,19 @@ def test_kmeans_centres_are_cluster_means(vit):
         assign = spt.sq_distances(pool, centres).argmin(1)  # (160,)
         for j in range(4):
             torch.testing.assert_close(centres[j], pool[assign == j].mean(0), atol=1e-5, rtol=0)
+
+
+def test_kmeans_tol_is_the_stopping_rule(vit):
+    data = loader(40)
+    exact = prepared(vit, strategy="kmeans", data=data, kmeans_iters=100, kmeans_tol=0.0)
+    loose = prepared(vit, strategy="kmeans", data=data, kmeans_iters=100, kmeans_tol=0.5)
+    assert max(exact.method.prepare_stats.kmeans_iters) > 1  # ran until no token moved
+    assert loose.method.prepare_stats.kmeans_iters == [1] * 3  # no round gains half the objective
+    tight, rough = (
+        exact.method.prepare_stats.kmeans_inertia,
+        loose.method.prepare_stats.kmeans_inertia,
+    )
+    assert all(a <= b for a, b in zip(tight, rough, strict=True))
 
 
 def test_kmeans_coarse_to_fine_matches_full():

@@ -62,8 +62,10 @@ class SPTConfig(VPTConfig):
     Attributes:
         strategy: how prototypes are computed (see `Strategy`).
         token_budget: most tokens per layer held in memory (reservoir size for ``kmeans``).
-        kmeans_iters: most Lloyd iterations of k-means on the reservoir (stops earlier when no
-            token changes cluster or the inertia improves by less than 1e-4, relative).
+        kmeans_iters: most Lloyd iterations of k-means on the reservoir (stops earlier, see
+            ``kmeans_tol``).
+        kmeans_tol: a Lloyd run also stops when no token changes cluster or a round lowers the
+            inertia by less than this fraction.
         seed: seeds the reservoir keys and the k-means++ draws.
         max_images: use at most this many images of the loader (all if None).
     """
@@ -72,6 +74,7 @@ class SPTConfig(VPTConfig):
     strategy: Strategy = "kmeans"
     token_budget: int = 65536
     kmeans_iters: int = 20
+    kmeans_tol: float = 1e-3
     seed: int = 0
     max_images: int | None = None
 
@@ -90,6 +93,12 @@ class SPTConfig(VPTConfig):
                 f"prompt_len={self.prompt_len}; raise it to at least {self.prompt_len}"
             )
         _check_int(self.name, "kmeans_iters", self.kmeans_iters, minimum=1)
+        tol = self.kmeans_tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+            raise ConfigError(
+                f"{self.name}: kmeans_tol must be a number in [0, 1) (a relative decrease of the "
+                f"k-means objective), got {tol!r}"
+            )
         _check_int(self.name, "seed", self.seed, minimum=0)
         if self.max_images is not None:
             _check_int(self.name, "max_images", self.max_images, minimum=1)
@@ -304,6 +313,11 @@ class RandomTokensAccumulator:
     def buffer_bytes(self) -> int:
         return self.reservoir.buffer_bytes
 
+    @property
+    def settings(self) -> tuple[int, int, float, int]:
+        """What the clustering depends on besides the rows: (P, iterations, tol, seed)."""
+        return self.prompt_len, self.iters, self.tol, self.seed
+
     def update(self, tokens: torch.Tensor) -> None:
         self.reservoir.add(tokens)  # (B, N, D): B * N rows
 
@@ -327,6 +341,7 @@ class KMeansAccumulator:
         seed: int,
         layer: int,
         iters: int,
+        tol: float,
         device: torch.device,
         stack: LayerStack | None = None,
     ) -> None:
@@ -334,6 +349,7 @@ class KMeansAccumulator:
         self.seed = seed
         self.layer = layer
         self.iters = iters
+        self.tol = tol
         rows, keys = (None, None) if stack is None else stack.slot(layer, capacity, dim, device)
         self.reservoir = BottomKReservoir(capacity, dim, seed, layer, device, rows=rows, keys=keys)
         self.buffer_rows = capacity
@@ -343,6 +359,11 @@ class KMeansAccumulator:
     def buffer_bytes(self) -> int:
         return self.reservoir.buffer_bytes
 
+    @property
+    def settings(self) -> tuple[int, int, float, int]:
+        """What the clustering depends on besides the rows: (P, iterations, tol, seed)."""
+        return self.prompt_len, self.iters, self.tol, self.seed
+
     def update(self, tokens: torch.Tensor) -> None:
         self.reservoir.add(tokens)  # (B, N, D): B * N rows
 
@@ -351,7 +372,7 @@ class KMeansAccumulator:
             x = self.reservoir.sorted_rows()  # (M, D), order independent of batching
             self.reservoir.rows = self.reservoir.rows.new_empty(0, x.shape[1])  # free the buffer
             seed = stream_seed(self.seed, self.layer)
-            self.result = kmeans(x, self.prompt_len, self.iters, seed)
+            self.result = kmeans(x, self.prompt_len, self.iters, seed, self.tol)
         return self.result.centres
 
 
@@ -391,13 +412,13 @@ class LayerStack:
         acc0 = accs[0]
         m = acc0.reservoir.size
         for i, acc in enumerate(accs):
-            same = (acc.prompt_len, acc.iters, acc.seed) == (acc0.prompt_len, acc0.iters, acc0.seed)
+            same = acc.settings == acc0.settings
             if not same or acc.reservoir.size != m or acc.layer != self.layers[i]:
                 raise ValueError(f"layer {acc.layer}: not clustered like layer {acc0.layer}")
         x = self.rows[:, :m]  # (L, M, D)
         _permute_rows_(x, self.keys[:, :m].argsort(1))  # ascending keys
         seeds = [stream_seed(acc0.seed, layer) for layer in self.layers]
-        results = kmeans_layers(x, acc0.prompt_len, acc0.iters, seeds, in_place=True)
+        results = kmeans_layers(x, acc0.prompt_len, acc0.iters, seeds, acc0.tol, in_place=True)
         self.rows = self.keys = None
         for acc, result in zip(accs, results, strict=True):
             acc.result = result
@@ -505,7 +526,7 @@ def kmeans(
     k: int,
     iters: int,
     seed: int,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     sample_size: int = 4096,
     seed_size: int = 1024,
 ) -> KMeansResult:
@@ -529,7 +550,7 @@ def kmeans_layers(
     k: int,
     iters: int,
     seeds: Sequence[int],
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     sample_size: int = 4096,
     seed_size: int = 1024,
     *,
@@ -728,7 +749,7 @@ def _make_accumulator(
     tokens: torch.Tensor,
     token_budget: int,
     seed: int,
-    kmeans_iters: int,
+    kmeans: tuple[int, float],
     expected_images: int | None,
     stack: LayerStack | None = None,
 ) -> Accumulator:
@@ -749,8 +770,9 @@ def _make_accumulator(
         return RandomTokensAccumulator(prompt_len, dim, seed, layer, tokens.device)
     capacity = token_budget if expected_images is None else min(token_budget, expected_images * n)
     capacity = max(capacity, prompt_len)
+    iters, tol = kmeans
     return KMeansAccumulator(
-        prompt_len, capacity, dim, seed, layer, kmeans_iters, tokens.device, stack
+        prompt_len, capacity, dim, seed, layer, iters, tol, tokens.device, stack
     )
 
 
@@ -839,6 +861,7 @@ def compute_prototypes(
     seed: int = 0,
     *,
     kmeans_iters: int = 20,
+    kmeans_tol: float = 1e-3,
     max_images: int | None = None,
     progress: bool = False,
     stats: PrototypeStats | None = None,
@@ -859,6 +882,7 @@ def compute_prototypes(
         token_budget: most tokens per layer held (``kmeans`` reservoir size).
         seed: seeds reservoir keys and k-means++.
         kmeans_iters: most Lloyd iterations.
+        kmeans_tol: stop Lloyd when a round lowers the inertia by less than this fraction.
         max_images: stop after this many images.
         progress: show a progress bar (images/s, ETA).
         stats: if given, filled with what the pass did (`PrototypeStats`).
@@ -892,7 +916,7 @@ def compute_prototypes(
                 tokens,
                 token_budget,
                 seed,
-                kmeans_iters,
+                (kmeans_iters, kmeans_tol),
                 expected,
                 stack,
             )
@@ -1011,6 +1035,7 @@ class SPT(VPT):
             token_budget=cfg.token_budget,
             seed=cfg.seed,
             kmeans_iters=cfg.kmeans_iters,
+            kmeans_tol=cfg.kmeans_tol,
             max_images=cfg.max_images,
             progress=progress,
             stats=stats,
