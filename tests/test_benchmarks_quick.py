@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,3 +143,31 @@ def test_render_rewrites_the_report_from_raw_numbers(
     assert [g["verdict"] for g in again["goals"]] == [g["verdict"] for g in result["goals"]]
     assert "re-rendered from the stored raw numbers" in (tmp_path / "speed.quick.md").read_text()
     assert (tmp_path / "speed.quick.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_update_replaces_only_the_selected_cases(
+    quick_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, result = quick_run
+    stored = tmp_path / "speed.quick.json"
+    shutil.copy(out / "speed.quick.json", stored)
+    case = "vit-s14/frozen-forward"
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--quick", "--update", str(stored)]
+    cmd += ["--only", f"^{case}$"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    again = json.loads(stored.read_text())
+    new_runs = again["runs"][case]
+    assert new_runs and all(r["update"] == 1 for r in new_runs)
+    assert new_runs != result["runs"][case]
+    for other, runs in result["runs"].items():
+        if other != case:
+            assert again["runs"][other] == runs, other
+    assert again["machine"]["updates"][0]["cases"] == [case]
+    assert again["summary"][case]["seconds"] == pytest.approx(
+        statistics.median(r["seconds"] for r in new_runs)
+    )
+    md = (tmp_path / "speed.quick.md").read_text()
+    assert f"Update 1: re-measured on {again['machine']['updates'][0]['date']}" in md
+    assert f"`{case}`" in md
