@@ -60,7 +60,7 @@ class Setup:
 FULL = Setup(
     model="vit_small_patch14_dinov2",
     model_kwargs={"img_size": 112},
-    images=256,
+    images=512,  # 32768 tokens per layer: the default budget holds half of them
     img_size=112,
     batch=32,
     prompt_len=10,
@@ -75,13 +75,16 @@ QUICK = Setup(
 )
 
 # name -> (approach, strategy, token_budget, prompt_len multiplier)
+EVERY_TOKEN = 2**20
+"""A budget above any pool here: streaming k-means on every token."""
 CASES: dict[str, tuple[str, str, int, int]] = {
     "forward": ("forward", "", 0, 1),
-    "stream-mean-pool": ("stream", "mean-pool", 65536, 1),
-    "stream-kmeans": ("stream", "kmeans", 65536, 1),
+    "stream-mean-pool": ("stream", "mean-pool", spt.DEFAULT_TOKEN_BUDGET, 1),
+    "stream-kmeans": ("stream", "kmeans", spt.DEFAULT_TOKEN_BUDGET, 1),
+    "stream-kmeans-every-token": ("stream", "kmeans", EVERY_TOKEN, 1),
     "stream-kmeans-budget4096": ("stream", "kmeans", 4096, 1),
     "stream-kmeans-budget1024": ("stream", "kmeans", 1024, 1),
-    "stream-kmeans-5xP": ("stream", "kmeans", 65536, 5),
+    "stream-kmeans-5xP": ("stream", "kmeans", spt.DEFAULT_TOKEN_BUDGET, 5),
     "all-tokens-mean-pool": ("all-tokens", "mean-pool", 0, 1),
     "all-tokens-kmeans": ("all-tokens", "kmeans", 0, 1),
     "all-tokens-kmeans-5xP": ("all-tokens", "kmeans", 0, 5),
@@ -298,7 +301,8 @@ def markdown(result: dict[str, Any]) -> str:
         "float32):",
         "",
         f"- ViT-B/16, 1000 images, 12 x 197 x 768: {est['vit_b_1000']:.2f} GB "
-        f"(streaming k-means at the default budget 65536: {est['vit_b_stream_65536']:.2f} GB; "
+        f"(streaming k-means at the default budget {spt.DEFAULT_TOKEN_BUDGET}: "
+        f"{est['vit_b_stream_default']:.2f} GB; budget 65536: {est['vit_b_stream_65536']:.2f} GB; "
         f"budget 4096: {est['vit_b_stream_4096']:.3f} GB; mean-pool P=50: "
         f"{est['vit_b_meanpool_p50_mb']:.2f} MB)",
         f"- this run ({s['images']} images): {est['this_run'] * 1e3:.1f} MB",
@@ -313,6 +317,7 @@ def estimates(setup: Setup) -> dict[str, float]:
     stream = 12 * 768 * (4 + 8 / 768)  # bytes per reservoir row (token + key), 12 layers
     return {
         "vit_b_1000": published_estimate(1000, 12, 197, 768),
+        "vit_b_stream_default": spt.DEFAULT_TOKEN_BUDGET * stream / 1e9,
         "vit_b_stream_65536": 65536 * stream / 1e9,
         "vit_b_stream_4096": 4096 * stream / 1e9,
         "vit_b_meanpool_p50_mb": 12 * 50 * 768 * 8 / 2**20,

@@ -293,11 +293,11 @@ def test_kmeans_deterministic_bounded_and_batch_independent(vit):
 
 
 def test_kmeans_buffer_sized_from_loader(vit):
-    def rows(data, budget: int = 65536) -> int:
+    def rows(data, budget: int = spt.DEFAULT_TOKEN_BUDGET) -> int:
         model = prepared(vit, strategy="kmeans", data=data, token_budget=budget)
         return model.method.prepare_stats.buffer_rows
 
-    assert rows(loader()) == 20 * 4  # the dataset's pool, not the 65536 default
+    assert rows(loader()) == 20 * 4  # the dataset's pool, not the default budget
     assert rows(list(loader(batch=8))) == 3 * 8 * 4  # batches x first batch size x N
     assert rows((b for b in loader()), budget=100) == 100  # length unknown: the budget
 

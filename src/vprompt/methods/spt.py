@@ -50,6 +50,10 @@ from vprompt.methods.base import MethodConfig, check_choice
 from vprompt.methods.registry import register_method
 from vprompt.methods.vpt import VPT, VPTConfig, VPTDeepConfig, VPTShallowConfig, check_vit
 
+DEFAULT_TOKEN_BUDGET = 16384
+"""Tokens per layer the ``kmeans`` reservoir holds by default: 0.6 GB for ViT-B/16 deep (12
+layers), within about 0.1% of the k-means objective on every token (docs/methods/spt.md)."""
+
 Strategy = Literal["random-tokens", "mean-pool", "max-pool", "kmeans"]
 """How a layer's token pool becomes P prompts (see the module docstring and docs/methods/spt.md)."""
 
@@ -72,7 +76,7 @@ class SPTConfig(VPTConfig):
 
     name: ClassVar[str] = "spt"
     strategy: Strategy = "kmeans"
-    token_budget: int = 65536
+    token_budget: int = DEFAULT_TOKEN_BUDGET
     kmeans_iters: int = 20
     kmeans_tol: float = 1e-3
     seed: int = 0
@@ -857,7 +861,7 @@ def compute_prototypes(
     layers: Sequence[int],
     prompt_len: int,
     strategy: Strategy = "kmeans",
-    token_budget: int = 65536,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     seed: int = 0,
     *,
     kmeans_iters: int = 20,
