@@ -966,7 +966,7 @@ def markdown(
             else []
         ),
         *(
-            f"Update {i}: re-measured on {u['date']} by `{u['command']}` (load average "
+            f"Update {u.get('n', i)}: re-measured on {u['date']} by `{u['command']}` (load average "
             f"{u['load_average_start']} at start, {u['load_average_end']} at end; "
             f"{len(u['passes'])} pass(es), {u['elapsed_s'] / 60:.1f} min): "
             f"{', '.join(f'`{c}`' for c in u['cases'])}. Their numbers below are from that run; "
@@ -1343,7 +1343,8 @@ def update(path: Path, suite: Suite, info: dict[str, Any]) -> None:
         changed = sorted(k for k in suite.specs if suite.specs[k] != stored.specs[k])
         print(f"model settings changed since the stored run: {changed} (taking the new ones)")
     run_suite(suite, lambda st: None)
-    n_update = len(stored_info.get("updates", [])) + 1
+    earlier = stored_info.get("updates", [])
+    n_update = max((u.get("n", i) for i, u in enumerate(earlier, 1)), default=0) + 1
     for runs in suite.runs.values():
         for r in runs:
             r["update"] = n_update
@@ -1358,9 +1359,9 @@ def update(path: Path, suite: Suite, info: dict[str, Any]) -> None:
     stored.not_run = [n for n in stored.not_run if n.split(": ", 1)[-1] not in ids]
     stored.not_run += [f"update: {n}" for n in suite.not_run]
     end = {"elapsed_s": time.monotonic() - suite.started, "load_average_end": load_average()}
-    stored_info["updates"] = [
-        *stored_info.get("updates", []),
-        {**info, **end, "cases": sorted(ids), "passes": suite.passes},
+    stored_info["updates"] = [  # an earlier update whose cases were all re-measured is gone
+        *(u for u in earlier if not set(u["cases"]) <= ids),
+        {**info, **end, "n": n_update, "cases": sorted(ids), "passes": suite.passes},
     ]
     write_outputs(stored, path.parent, path.stem, stored_info)
     print(f"updated {len(ids)} case(s) in {path} ({run_status(stored)})")
