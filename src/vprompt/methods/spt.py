@@ -53,6 +53,8 @@ from vprompt.methods.vpt import VPT, VPTConfig, VPTDeepConfig, VPTShallowConfig,
 DEFAULT_TOKEN_BUDGET = 16384
 """Tokens per layer the ``kmeans`` reservoir holds by default: 0.6 GB for ViT-B/16 deep (12
 layers), within about 0.1% of the k-means objective on every token (docs/methods/spt.md)."""
+DEFAULT_KMEANS_TOL = 1e-3
+"""Lloyd stops when a round lowers the k-means objective by less than this fraction."""
 
 Strategy = Literal["random-tokens", "mean-pool", "max-pool", "kmeans"]
 """How a layer's token pool becomes P prompts (see the module docstring and docs/methods/spt.md)."""
@@ -78,7 +80,7 @@ class SPTConfig(VPTConfig):
     strategy: Strategy = "kmeans"
     token_budget: int = DEFAULT_TOKEN_BUDGET
     kmeans_iters: int = 20
-    kmeans_tol: float = 1e-3
+    kmeans_tol: float = DEFAULT_KMEANS_TOL
     seed: int = 0
     max_images: int | None = None
 
@@ -317,11 +319,6 @@ class RandomTokensAccumulator:
     def buffer_bytes(self) -> int:
         return self.reservoir.buffer_bytes
 
-    @property
-    def settings(self) -> tuple[int, int, float, int]:
-        """What the clustering depends on besides the rows: (P, iterations, tol, seed)."""
-        return self.prompt_len, self.iters, self.tol, self.seed
-
     def update(self, tokens: torch.Tensor) -> None:
         self.reservoir.add(tokens)  # (B, N, D): B * N rows
 
@@ -530,7 +527,7 @@ def kmeans(
     k: int,
     iters: int,
     seed: int,
-    tol: float = 1e-3,
+    tol: float = DEFAULT_KMEANS_TOL,
     sample_size: int = 4096,
     seed_size: int = 1024,
 ) -> KMeansResult:
@@ -554,7 +551,7 @@ def kmeans_layers(
     k: int,
     iters: int,
     seeds: Sequence[int],
-    tol: float = 1e-3,
+    tol: float = DEFAULT_KMEANS_TOL,
     sample_size: int = 4096,
     seed_size: int = 1024,
     *,
@@ -865,7 +862,7 @@ def compute_prototypes(
     seed: int = 0,
     *,
     kmeans_iters: int = 20,
-    kmeans_tol: float = 1e-3,
+    kmeans_tol: float = DEFAULT_KMEANS_TOL,
     max_images: int | None = None,
     progress: bool = False,
     stats: PrototypeStats | None = None,
