@@ -52,7 +52,8 @@ from vprompt.methods.vpt import VPT, VPTConfig, VPTDeepConfig, VPTShallowConfig,
 
 DEFAULT_TOKEN_BUDGET = 16384
 """Tokens per layer the ``kmeans`` reservoir holds by default: 0.6 GB for ViT-B/16 deep (12
-layers), within about 0.1% of the k-means objective on every token (docs/methods/spt.md)."""
+layers); on a pool twice its size its k-means came within 0.04% (P = 10) and 0.2% (P = 50) of
+the objective on every token (benchmarks/results/spt_memory.md)."""
 DEFAULT_KMEANS_TOL = 1e-3
 """Lloyd stops when a round lowers the k-means objective by less than this fraction."""
 
