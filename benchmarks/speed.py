@@ -74,9 +74,9 @@ PROMPT_LENGTHS = (1, 10, 50, 200)
 VARIANT_P = 50
 """Prompt length at which precision, checkpointing, compile and SPT are measured."""
 SPT_BUDGET = 1024
+"""Token budget of the second SPT case, small enough to bind on the benchmark's images."""
 PROTOCOL_TRAIN_IMAGES = 800
 """Training images of the 1k protocol (800 train / 200 val): the data SPT initialises from."""
-"""Token budget of the second SPT case, small enough to bind on the benchmark's images."""
 NUM_CLASSES = 100
 BUDGET_GRACE_S = 300.0
 """A child started within the time budget may overrun it by this much before it is stopped."""
@@ -831,7 +831,7 @@ def evaluate_goals(
     for name in [n for n in spt_names if "budget" not in n] or ["spt-init"]:
         fwd = forward_of(name)
         spt_t = ratio(_get(s, b, name, "seconds"), _get(s, b, fwd, "seconds"))
-        images = name.rsplit(" ", 2)[1] if name.endswith(" img") else ""
+        images = _images_part(name).removesuffix(" img").strip()
         goals.append(
             Goal(
                 f"SPT-deep initialisation time vs one frozen forward pass ({name})",
@@ -853,11 +853,14 @@ def evaluate_goals(
     return goals
 
 
+def _images_part(name: str) -> str:
+    """The `Case.name` suffix that gives an SPT case's image count (`` 800 img``), or ``""``."""
+    return " " + " ".join(name.rsplit(" ", 2)[1:]) if name.endswith(" img") else ""
+
+
 def forward_of(spt_name: str) -> str:
     """The frozen-forward case over the same images as an SPT case (by name)."""
-    return "frozen-forward" + (
-        " " + spt_name.rsplit(" ", 2)[1] + " img" if spt_name.endswith(" img") else ""
-    )
+    return "frozen-forward" + _images_part(spt_name)
 
 
 def spt_memory_goal(s: dict[str, dict[str, Any]], b: str, name: str) -> Goal:
@@ -1349,9 +1352,8 @@ def update(path: Path, suite: Suite, info: dict[str, Any]) -> None:
         for r in runs:
             r["update"] = n_update
     ids = {c.id for c in suite.cases}
-    known = {c.id for c in stored.cases}
-    stored.cases = [*stored.cases, *(c for c in suite.cases if c.id not in known)]
-    stored.cases = [next((c for c in suite.cases if c.id == k.id), k) for k in stored.cases]
+    new = {c.id: c for c in suite.cases}
+    stored.cases = [new.pop(c.id, c) for c in stored.cases] + list(new.values())
     stored.specs = suite.specs
     stored.runs = {k: v for k, v in stored.runs.items() if k not in ids} | {
         k: v for k, v in suite.runs.items() if k in ids
@@ -1383,11 +1385,11 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     stem = "speed.quick" if settings.quick else "speed"
     suite = Suite(specs=specs, cases=cases, settings=settings)
+    target = args.update or f"{args.out}/{stem}.*"
+    print(f"{len(cases)} cases, {suite.planned} runs planned -> {target}", flush=True)
     if args.update:
-        print(f"{len(cases)} cases, {suite.planned} runs planned -> {args.update}", flush=True)
         update(args.update, suite, info)
         return
-    print(f"{len(cases)} cases, {suite.planned} runs planned -> {args.out}/{stem}.*", flush=True)
     run_suite(suite, lambda st: write_outputs(st, args.out, stem, info))
     print(f"wrote {args.out / stem}.json, .md and .png ({run_status(suite)})")
 
