@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -612,6 +613,10 @@ def test_ray_backend_runs_the_same_trials_as_local(tmp_path: Path) -> None:
     local = run_sweep(SweepSpec(dict(TINY), **spec_kw), tmp_path / "local")
     with RayBackend(workers=2, cpus_per_trial=1, storage_path=str(tmp_path / "ray")) as backend:
         ray = run_sweep(SweepSpec(dict(TINY), **spec_kw), tmp_path / "ray-out", backend=backend)
+        # trials run at this process's niceness, not Ray's default 15 (starved next to busy work)
+        niceness: list[int] = []
+        backend.map(os.nice, [0], lambda _, n: niceness.append(n))
+    assert niceness == [os.nice(0)]
     assert len(ray.trials) == 4 and all(t.outcome == "complete" for t in ray.trials)
     assert ray.choice == local.choice
     for a, b in zip(ray.trials, local.trials, strict=True):

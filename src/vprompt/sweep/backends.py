@@ -124,7 +124,8 @@ class RayBackend:
 
     Attributes:
         workers: trials running at once.
-        address: a Ray cluster (``auto``, ``ray://host:10001``); None starts a local instance.
+        address: a Ray cluster (``auto``, ``ray://host:10001``); None: ``RAY_ADDRESS`` if set,
+            else a new local instance whose workers run at this process's niceness.
         cpus_per_trial: CPUs Ray reserves per trial (default: this machine's CPUs / workers).
         storage_path: where Ray Tune keeps its experiment records (an absolute path or URI).
     """
@@ -154,11 +155,18 @@ class RayBackend:
             return
         ray, tune = import_ray()
         if not ray.is_initialized():
+            # --ray-address, else RAY_ADDRESS (set inside a Ray job), else a new local instance
+            # (never an auto-detected `ray start` instance: that is --ray-address auto).
+            address = self.address or os.environ.get("RAY_ADDRESS") or "local"
             ray.init(
-                address=self.address,
+                address=address,
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
+                # Ray starts workers at nice 15 (background work next to a driver); here the
+                # trials ARE the work, and at nice 15 any other busy process on the machine
+                # starves them. A new local instance's workers get this process's niceness.
+                _system_config={"worker_niceness": os.nice(0)} if address == "local" else None,
             )
             self._started = True
         cpus = self.cpus_per_trial or float(threads_per_worker(self.workers))
