@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-import vprompt.methods  # noqa: F401  (registers the methods)
+import vprompt.methods  # registers the methods; binds `vprompt`
 from vprompt.backbones import load_backbone
 from vprompt.engine import (
     TrainConfig,
@@ -498,3 +498,27 @@ def test_spt_prototypes_ignore_augmentation_and_seed(
     plain = prototypes("none", 0)
     assert torch.equal(prototypes("flip-crop", 0), plain)
     assert torch.equal(prototypes("flip-crop", 1), plain)
+
+
+def test_fit_prepares_spt_once_and_never_over_loaded_prompts(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    """A fresh SPT model is prepared by `fit`; prompts prepared by hand or loaded from a task
+    are trained from, not replaced by new prototypes."""
+    values = base_values(tiny_vit_spec, tiny_data_spec, method="spt-deep", epochs=1)
+    values["method_options"] = {"strategy": "mean-pool", "prompt_len": 2}
+    cfg, model, splits = _model_and_splits(values)
+    calls: list[int] = []
+    prepare = model.method.prepare
+    model.method.prepare = lambda *a, **k: (calls.append(1), prepare(*a, **k))[1]
+    assert model.method.needs_prepare
+    fit(model, splits, cfg)
+    assert calls == [1] and not model.method.needs_prepare
+    fit(model, splits, cfg)  # prepared: trains on from where it is
+    assert calls == [1]
+
+    model.save_task(tmp_path / "task")
+    loaded = vprompt.load_task(tmp_path / "task", backbone=model.backbone)
+    assert not loaded.method.needs_prepare  # loaded prompts are SPT prompts already
+    loaded.method.prepare = lambda *a, **k: pytest.fail("loaded SPT prompts re-initialised")
+    fit(loaded, splits, cfg)

@@ -637,8 +637,9 @@ def fit(
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if checkpoint is None:
-        seed_everything(cfg.seed)
-        prepare_method(model, splits, cfg, info, reporter)
+        if model.method.needs_prepare:  # not when prepared by hand or loaded from a task
+            seed_everything(cfg.seed)
+            prepare_method(model, splits, cfg, info, reporter)
         seed_everything(cfg.seed)
     stage = build_stage(model, splits, cfg, info, reporter)
     resolved = resolved_schedule(cfg, len(stage.train), info.world)  # type: ignore[arg-type]

@@ -137,6 +137,12 @@ class Method(nn.Module):
     def prepare(self, backbone: nn.Module, loader: Iterable[Any], **kwargs: Any) -> None:
         """Data-dependent initialisation before training (SPT prototypes); a no-op by default."""
 
+    @property
+    def needs_prepare(self) -> bool:
+        """Whether `prepare` has yet to run: training calls it only then, so it never replaces
+        prompts that were prepared by hand or loaded from a task (False by default)."""
+        return False
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

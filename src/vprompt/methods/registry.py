@@ -44,7 +44,9 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
     return get_method_class(method).config_class.from_dict(options)
 
 
-def _as_backbone(backbone: Backbone | nn.Module) -> Backbone:
+def as_backbone(backbone: Backbone | nn.Module) -> Backbone:
+    """``backbone`` as a `Backbone`: a bare model is frozen, put in eval mode and described
+    (``module:ARCH``, its data config from ``pretrained_cfg``, its weights' fingerprint)."""
     if isinstance(backbone, Backbone):
         return backbone
     if isinstance(backbone, nn.Module):
@@ -87,7 +89,7 @@ def attach(
     Returns:
         The `PromptedModel`; only the method's parameters and the head require grad.
     """
-    bb = _as_backbone(backbone)
+    bb = as_backbone(backbone)
     config = make_config(method, **options)
     method_cls = get_method_class(config.name)
     module = method_cls(config, bb.model)

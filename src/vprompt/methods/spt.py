@@ -1002,8 +1002,9 @@ def _finalize(
 class SPT(VPT):
     """VPT whose prompts start as prototypes of the frozen backbone's tokens (call `prepare`).
 
-    Until `prepare` runs the prompts hold VPT's ``init``; ``prepared`` says whether it ran, and
-    ``prepare_stats`` what it did.
+    Until `prepare` runs the prompts hold VPT's ``init``; ``prepared`` says whether they hold
+    prototypes or trained values (`prepare` ran, or a state dict was loaded), and
+    ``prepare_stats`` what `prepare` did.
     """
 
     config_class: ClassVar[type[MethodConfig]] = SPTConfig
@@ -1012,6 +1013,12 @@ class SPT(VPT):
         super().__init__(config, backbone)
         self.prepared = False
         self.prepare_stats: PrototypeStats | None = None
+        # loaded prompts (a task, a checkpoint) are SPT prompts already: never re-initialise them
+        self.register_load_state_dict_post_hook(_mark_prepared)
+
+    @property
+    def needs_prepare(self) -> bool:
+        return not self.prepared
 
     def prepare(
         self, backbone: nn.Module, loader: Iterable[Any], progress: bool = True, **kwargs: Any
@@ -1046,6 +1053,10 @@ class SPT(VPT):
             self.prompts.copy_(protos.to(self.prompts))
         self.prepared = True
         self.prepare_stats = stats
+
+
+def _mark_prepared(module: nn.Module, _incompatible: Any) -> None:
+    module.prepared = True
 
 
 @register_method

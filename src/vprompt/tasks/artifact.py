@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from vprompt._atomic import atomic_write, atomic_write_text
 from vprompt._version import __version__
@@ -116,14 +117,15 @@ def read_task_info(directory: str | os.PathLike) -> TaskInfo:
 
 def load_task(
     directory: str | os.PathLike,
-    backbone: Backbone | None = None,
+    backbone: Backbone | nn.Module | None = None,
     map_location: str | torch.device = "cpu",
 ) -> PromptedModel:
     """Rebuild a trained task.
 
     Args:
         directory: a folder written by `save_task`.
-        backbone: the shared backbone to attach to; loaded from the task's spec when None.
+        backbone: the shared backbone to attach to (a `Backbone` or a bare timm model, as for
+            `attach`); loaded from the task's spec when None.
         map_location: device for the task's tensors.
 
     Returns:
@@ -133,13 +135,14 @@ def load_task(
         TaskError: the folder is not a task, is corrupt, or the backbone's weights differ from the
             ones the task was trained on.
     """
-    from vprompt.methods.registry import attach
+    from vprompt.methods.registry import as_backbone, attach
 
     info = read_task_info(directory)
     if backbone is None:
         from vprompt.backbones import load_backbone
 
         backbone = load_backbone(info.backbone_spec, img_size=info.img_size)
+    backbone = as_backbone(backbone)
     check_backbone(info, backbone, directory)
     tensors_path = Path(directory) / TASK_TENSORS
     if not tensors_path.is_file():
