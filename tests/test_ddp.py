@@ -104,3 +104,20 @@ def test_two_processes_match_one_linear_probe(
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["feature_cache"] is True
     _compare(tmp_path / "one", tmp_path / "two", None)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_pro_tuning_cnn(tiny_data_spec: str, tmp_path: Path) -> None:
+    """Pro-tuning's BatchNorm2d blocks on a CNN take their statistics over the global batch:
+    two processes compute what one does, running statistics included."""
+    cnn = "timm:resnet10t?pretrained=false"
+    # SGD: AdamW turns the rounding noise of gradients near 0 (channels a ReLU closes) into
+    # full-size steps of either sign, so it cannot be compared tightly across process counts
+    args = ["--img-size", "48", "--seed", "3", "--optimizer", "sgd", "--lr", "0.5"]
+    r = CliRunner().invoke(app, _args(cnn, tiny_data_spec, tmp_path / "one", "pro-tuning") + args)
+    assert r.exit_code == 0, r.output
+    p = _torchrun(_args(cnn, tiny_data_spec, tmp_path / "two", "pro-tuning") + args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    task = load_file(str(tmp_path / "two" / "task" / "task.safetensors"))
+    assert any(k.endswith("norm.running_var") for k in task)  # the BN under test is saved
+    _compare(tmp_path / "one", tmp_path / "two", None)

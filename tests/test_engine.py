@@ -3,6 +3,7 @@ feature cache, NaN stop, Ctrl-C and resume (library level, in process)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -168,6 +169,42 @@ def test_global_batchnorm_is_batchnorm_in_one_process() -> None:
     x = torch.randn(6, 4) * 5 + 2
     a, b = nn.BatchNorm1d(4, affine=False), GlobalBatchNorm1d(4, affine=False)
     assert torch.allclose(a(x), b(x)) and torch.allclose(a.running_var, b.running_var)
+
+
+def test_globalize_batchnorm_converts_every_kind_and_restores(tmp_path: Path) -> None:
+    """1d, 2d and timm's BatchNormAct2d get global statistics; the maths in a one-rank process
+    group is BatchNorm's (outputs, gradients, running statistics); restoring gives back the
+    original classes."""
+    import torch.distributed as dist
+    from timm.layers import BatchNormAct2d
+
+    from vprompt.engine.distributed import globalize_batchnorm, restore_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3), BatchNormAct2d(3), nn.Flatten(), nn.BatchNorm1d(48))
+    ref = copy.deepcopy(net)
+    kinds = [type(m) for m in net]
+    assert globalize_batchnorm(net) == 3
+    assert [type(m) is not k and isinstance(m, k) for m, k in zip(net, kinds, strict=True)] == [
+        True,
+        True,
+        False,  # Flatten
+        True,
+    ]
+    x = torch.randn(5, 3, 4, 4) * 3 + 1
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref.train()(xa), net.train()(xb)
+        (ya * torch.arange(48.0)).sum().backward()
+        (yb * torch.arange(48.0)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert torch.allclose(ya, yb, atol=1e-5) and torch.allclose(xa.grad, xb.grad, atol=1e-4)
+    for a, b in zip(ref.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.double(), b.double(), atol=1e-6)
+    restore_batchnorm(net)
+    assert [type(m) for m in net] == kinds
 
 
 # ------------------------------------------------------------------------------- checkpoint + eval

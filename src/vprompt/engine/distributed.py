@@ -134,6 +134,44 @@ def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(t)
 
 
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode batch norm of ``x`` (N, C, *) with its statistics taken over the batches
+    of all ranks (differentiable through them); updates ``bn``'s running statistics the same
+    way on every rank."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    count = torch.tensor(
+        [float(x.numel() // max(x.shape[1], 1))], device=x.device, dtype=torch.float64
+    )
+    dist.all_reduce(count)
+    n = count.item()
+    xf = x.float()
+    mean = differentiable_all_reduce(xf.sum(dims)) / n  # (C,)
+    centred = xf - mean.view(shape)
+    var = differentiable_all_reduce((centred * centred).sum(dims)) / n  # biased, as BN normalises
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None:
+        _update_running(bn, mean.detach(), var.detach(), n)
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def _update_running(
+    bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, n: float
+) -> None:
+    bn.num_batches_tracked += 1
+    m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * n / max(n - 1.0, 1.0)
+    bn.running_mean.mul_(1 - m).add_(m * mean.to(bn.running_mean.dtype))
+    bn.running_var.mul_(1 - m).add_(m * unbiased.to(bn.running_var.dtype))
+
+
+def _distributed_training(bn: nn.Module) -> bool:
+    return bn.training and dist.is_available() and dist.is_initialized()
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """`BatchNorm1d` whose training statistics are taken over the global batch of all ranks.
 
@@ -143,41 +181,72 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()):
+        if not _distributed_training(self):
             return super().forward(x)
-        all_reduce = differentiable_all_reduce
-        count = torch.tensor([float(x.shape[0])], device=x.device, dtype=torch.float64)
-        dist.all_reduce(count)
-        n = count.item()
-        xf = x.float()
-        mean = all_reduce(xf.sum(0)) / n  # (C,)
-        centred = xf - mean  # (B, C)
-        var = all_reduce((centred * centred).sum(0)) / n  # (C,) biased, as BatchNorm normalises
-        y = centred * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        if self.track_running_stats:
-            self._update_running(mean.detach(), var.detach(), n)
-        return y.to(x.dtype)
+        return _global_batch_norm(self, x)
 
-    @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
-        self.num_batches_tracked += 1
-        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        unbiased = var * n / max(n - 1.0, 1.0)
-        self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-        self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """`BatchNorm2d` with global-batch statistics (Pro-tuning's blocks, CNN backbones tuned
+    with ``full`` / ``partial``): as `GlobalBatchNorm1d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _distributed_training(self):
+            return super().forward(x)
+        return _global_batch_norm(self, x)
+
+
+def _global_batchnorm_act(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of timm's ``BatchNormAct2d`` (BN, then dropout and activation in one module,
+    as in EfficientNet) with global-batch statistics."""
+
+    class GlobalBatchNormAct2d(cls):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _distributed_training(self):
+                return super().forward(x)
+            return self.act(self.drop(_global_batch_norm(self, x)))
+
+    return GlobalBatchNormAct2d
+
+
+def _global_class(m: nn.Module) -> type[nn.Module] | None:
+    """The global-statistics class for ``m``'s exact class, or None to leave it as it is."""
+    kind = type(m)
+    if kind is nn.BatchNorm1d:
+        return GlobalBatchNorm1d
+    if kind is nn.BatchNorm2d:
+        return GlobalBatchNorm2d
+    if kind.__name__ == "BatchNormAct2d" and kind.__module__.startswith("timm."):
+        return _GLOBAL_ACT.setdefault(kind, _global_batchnorm_act(kind))
+    return None
+
+
+_GLOBAL_ACT: dict[type[nn.Module], type[nn.Module]] = {}
+_PLAIN: dict[type[nn.Module], type[nn.Module]] = {
+    GlobalBatchNorm1d: nn.BatchNorm1d,
+    GlobalBatchNorm2d: nn.BatchNorm2d,
+}
 
 
 def globalize_batchnorm(module: nn.Module) -> int:
-    """Turn every plain `BatchNorm1d` inside ``module`` into a `GlobalBatchNorm1d` (in place).
+    """Give every BatchNorm inside ``module`` (plain 1d / 2d and timm's ``BatchNormAct2d``)
+    global-batch statistics in training, in place; `restore_batchnorm` undoes it.
 
     Returns:
         How many were converted.
     """
     count = 0
     for m in module.modules():
-        if type(m) is nn.BatchNorm1d:
-            m.__class__ = GlobalBatchNorm1d
+        cls = _global_class(m)
+        if cls is not None:
+            m.__class__ = cls
             count += 1
     return count
+
+
+def restore_batchnorm(module: nn.Module) -> None:
+    """Undo `globalize_batchnorm` (same buffers and parameters, so nothing is lost)."""
+    plain = {**_PLAIN, **{g: base for base, g in _GLOBAL_ACT.items()}}
+    for m in module.modules():
+        if type(m) in plain:
+            m.__class__ = plain[type(m)]

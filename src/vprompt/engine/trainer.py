@@ -28,12 +28,12 @@ from vprompt.engine.checkpoint import all_finite, rng_state, set_rng_state
 from vprompt.engine.config import TrainConfig
 from vprompt.engine.distributed import (
     DistInfo,
-    GlobalBatchNorm1d,
     all_reduce_sum,
     broadcast_flag,
     broadcast_tensors,
     globalize_batchnorm,
     pick_device,
+    restore_batchnorm,
 )
 from vprompt.engine.evaluate import autocast, predict_split, summarize
 from vprompt.engine.features import head_inputs, use_feature_cache
@@ -564,7 +564,7 @@ def wrap_for_training(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        # Buffers stay in step by themselves (GlobalBatchNorm1d computes the same statistics on
+        # Buffers stay in step by themselves (global BatchNorm computes the same statistics on
         # every rank), so DDP need not broadcast them before every forward.
         net = DDP(module, device_ids=ids, **_no_buffer_sync())
     eval_net = module
@@ -585,13 +585,6 @@ def _no_buffer_sync() -> dict[str, bool]:
         if "forward_sync_buffers" in params
         else {"broadcast_buffers": False}
     )
-
-
-def restore_batchnorm(module: nn.Module) -> None:
-    """Undo `globalize_batchnorm` after training (same buffers, so nothing is lost)."""
-    for m in module.modules():
-        if type(m) is GlobalBatchNorm1d:
-            m.__class__ = nn.BatchNorm1d
 
 
 def fit(
