@@ -34,6 +34,8 @@ BACKBONES: dict[str, tuple[str, dict, int, dict]] = {
         40,
         {"vit_groups": 4},
     ),
+    # EVA-02 (rotary embeddings, SwiGLU; not a timm VisionTransformer): grouped like a ViT
+    "eva": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 4}, 28, {"vit_groups": 2}),
     "resnet": ("resnet10t", {}, 64, {}),
     "efficientnet": ("tf_efficientnet_lite0", {}, 64, {"stages": (2, 3, 4)}),
     "convnext": ("convnext_atto", {}, 64, {"norm": "gn"}),
@@ -42,6 +44,7 @@ BACKBONES: dict[str, tuple[str, dict, int, dict]] = {
 SITES = {
     "vit": [("blocks.0", 64), ("blocks.2", 64)],  # before each group of two blocks
     "vit-reg-dynamic": [(f"blocks.{i}", 64) for i in range(4)],
+    "eva": [("blocks.0", 192), ("blocks.2", 192)],
     "resnet": [("layer1", 64), ("layer2", 128), ("layer3", 256), ("layer4", 512)],
     "efficientnet": [("blocks.2", 40), ("blocks.4", 112), ("blocks.6", 320)],
     "convnext": [("stages.0", 40), ("stages.1", 80), ("stages.2", 160), ("stages.3", 320)],
@@ -308,10 +311,16 @@ def test_vit_position_after_and_class_token_heads():
     """'after' prompts the output of each group; after the last block only patch poolings see it."""
     _, model = make("vit", vit_position="after", pool="cls+patch-mean")
     assert model.method.site_modules == ["blocks.1", "blocks.3"]
-    with pytest.raises(ConfigError, match="pool='cls' never reads"):
+    with pytest.raises(ConfigError, match=r"\(pool='cls'\) never reads.*cls\+patch-mean"):
         make("vit", vit_position="after")  # the tiny ViT pools its class token
     _, model = make("vit", vit_position="after", stages=(0,))  # last group left out: fine
     assert model.method.site_modules == ["blocks.1"]
+    _, model = make("eva", vit_position="after")  # EVA-02 averages its patch tokens: read
+    assert model.method.site_modules == ["blocks.1", "blocks.3"]
+    eva_cls = copy.deepcopy(_created("eva"))
+    eva_cls.global_pool = "token"
+    with pytest.raises(ConfigError, match=r"never reads.*global_pool='avg'"):
+        attach(eva_cls, "pro-tuning", num_classes=NUM_CLASSES, vit_groups=2, vit_position="after")
 
 
 def test_vit_before_prompts_the_patch_embeddings():

@@ -193,11 +193,19 @@ def _cnn_sites(backbone: nn.Module) -> list[PromptSite]:
     ]
 
 
+def is_token_model(backbone: nn.Module) -> bool:
+    """ViTs and their relatives (EVA, BEiT, ...): ``blocks`` over (B, prefix + N, D) tokens
+    from a ``patch_embed``; Pro-tuning groups their blocks as it groups a ViT's."""
+    return is_vit(backbone) or all(
+        hasattr(backbone, a) for a in ("blocks", "patch_embed", "num_prefix_tokens")
+    )
+
+
 def prompt_sites(
     backbone: nn.Module, vit_groups: int = 4, vit_position: VitPosition = "before"
 ) -> list[PromptSite]:
     """Every place a prompt block could go in ``backbone`` (ViT groups or CNN stages)."""
-    if is_vit(backbone):
+    if is_token_model(backbone):
         return _vit_sites(backbone, vit_groups, vit_position)
     return _cnn_sites(backbone)
 
@@ -230,15 +238,24 @@ def _check_reaches_head(
     config: ProTuningConfig, backbone: nn.Module, sites: list[PromptSite]
 ) -> None:
     """Reject a prompt on the last ViT block's patch tokens when the head reads the class token."""
-    if not is_vit(backbone) or config.vit_position != "after":
+    if not is_token_model(backbone) or config.vit_position != "after":
         return
     last = f"blocks.{len(backbone.blocks) - 1}"
-    if any(s.module == last for s in sites) and resolve_pool(config.pool, backbone) == "cls":
+    reads_cls = (
+        resolve_pool(config.pool, backbone) == "cls"
+        if is_vit(backbone)
+        else getattr(backbone, "global_pool", "") == "token"  # pooled by its own head
+    )
+    if any(s.module == last for s in sites) and reads_cls:
+        pooling = (
+            "a patch pooling (pool='cls+patch-mean')"
+            if is_vit(backbone)
+            else "the model with global_pool='avg'"
+        )
         raise ConfigError(
             "pro-tuning: with vit_position='after' the last group's prompt is added to the patch "
-            "tokens after the last block, which pool='cls' never reads; use "
-            "vit_position='before', a patch pooling (pool='cls+patch-mean'), or leave the last "
-            "group out of stages"
+            "tokens after the last block, which a class-token head (pool='cls') never reads; use "
+            f"vit_position='before', {pooling}, or leave the last group out of stages"
         )
 
 
