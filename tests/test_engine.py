@@ -149,6 +149,30 @@ def test_no_decay_groups() -> None:
     assert isinstance(build_optimizer([("w", w)], set(), cfg), torch.optim.AdamW)
 
 
+def test_head_weight_decay_is_its_own_group() -> None:
+    """SPT's recipe: prompts and head decay separately (``head_wd``); without it, one group."""
+    prompts, fc_w, fc_b = (
+        nn.Parameter(torch.ones(2, 4, 3)),
+        nn.Parameter(torch.ones(5, 3)),
+        nn.Parameter(torch.ones(5)),
+    )
+    named = [("method.prompts", prompts), ("head.fc.weight", fc_w), ("head.fc.bias", fc_b)]
+    base = {"backbone": "b", "data": "d", "method": "spt-deep", "wd": 0.1, "lr": 0.5}
+    opt = build_optimizer(named, set(), resolve_config({**base, "head_wd": 0.02}))
+    wd = {g["group"]: (g["weight_decay"], len(g["params"])) for g in opt.param_groups}
+    assert wd == {"decay": (0.1, 1), "head_decay": (0.02, 1), "no_decay": (0.0, 1)}
+    for p in (prompts, fc_w, fc_b):
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients: AdamW moves each weight by its decay only
+    assert torch.allclose(prompts, torch.full_like(prompts, 1 - 0.5 * 0.1))
+    assert torch.allclose(fc_w, torch.full_like(fc_w, 1 - 0.5 * 0.02))
+    assert torch.equal(fc_b, torch.ones(5))
+    plain = build_optimizer(named, set(), resolve_config(base))
+    assert [g["group"] for g in plain.param_groups] == ["decay", "no_decay"]
+    with pytest.raises(ConfigError, match="head_wd"):
+        resolve_config({**base, "head_wd": -1})
+
+
 def test_global_batches_are_shared_by_ranks() -> None:
     batches = global_batches(23, 5, seed=3, epoch=1, world=2)
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]

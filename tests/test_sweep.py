@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY_VIT
@@ -210,6 +211,8 @@ def test_final_seeds_vary_the_seed_only_and_data_seed_names_the_study(tmp_path: 
 
     assert name(data_seed=1) != name(data_seed=0) != name(seed=1)  # they change results
     assert name(data_seed=0) == name() == name(workers=2, eval_batch_size=64)
+    # an option added later keys a study only when set: studies stored before it still match
+    assert name(head_wd=None) == name() != name(head_wd=0.01)
     with pytest.raises(ConfigError, match="sets"):
         SweepSpec({**BASE, "evaluate_test": False})
 
@@ -707,6 +710,19 @@ def test_final_run_is_reused_only_with_every_result_changing_option_equal(
     (tmp_path / "config.yaml").write_text(config_yaml(base, {}, "test"))
     wanted = {**base.to_dict(), **change}
     assert _same_run(tmp_path, wanted) is reused
+
+
+def test_final_run_written_before_an_option_existed_counts_it_at_its_default(
+    tmp_path: Path,
+) -> None:
+    from vprompt.engine.config import TrainConfig
+    from vprompt.sweep.runner import _same_run
+
+    base = TrainConfig(backbone=TINY_VIT, data="builtin:digits", method="vpt-deep", lr=0.5, wd=0.0)
+    old = {k: v for k, v in base.to_dict().items() if k != "head_wd"}  # an older config.yaml
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert _same_run(tmp_path, base.to_dict())
+    assert not _same_run(tmp_path, {**base.to_dict(), "head_wd": 0.01})
 
 
 @pytest.mark.usefixtures("single_thread")

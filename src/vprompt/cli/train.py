@@ -142,6 +142,9 @@ def train(
     batch_size: Annotated[int | None, Opt(help="Global batch size (default: 32).")] = None,
     lr: Annotated[float | None, Opt(help="Base learning rate (default: method default).")] = None,
     wd: Annotated[float | None, Opt(help="Weight decay (default: method default).")] = None,
+    head_wd: Annotated[
+        float | None, Opt(help="Weight decay of the head's weights (default: --wd).")
+    ] = None,
     optimizer: Annotated[
         Literal["sgd", "adamw"] | None, Opt(help="Optimizer (default: method default).")
     ] = None,

@@ -113,6 +113,8 @@ class TrainConfig:
         batch_size: global batch (split across processes under torchrun).
         lr: base learning rate; the actual one is ``lr x batch_size / 256`` when scaling applies.
         wd: weight decay (never applied to 1-D tensors: biases, norms).
+        head_wd: weight decay of the head's weights; None: ``wd``. SPT's recipe decays prompts
+            and head separately.
         optimizer: ``sgd`` (momentum 0.9, as VPT) or ``adamw`` (as SPT).
         momentum: SGD momentum.
         lr_scaling: ``auto`` scales for SGD only; ``on`` / ``off`` force it.
@@ -151,6 +153,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float | None = None
     wd: float | None = None
+    head_wd: float | None = None
     optimizer: Optimizer | None = None
     momentum: float = 0.9
     lr_scaling: LrScaling = "auto"
@@ -232,7 +235,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if cfg.batch_size < 2:
         raise ConfigError("batch_size must be at least 2 (the head's BatchNorm needs 2 images)")
-    for name in ("lr", "wd", "min_lr", "grad_clip", "warmup_epochs"):
+    for name in ("lr", "wd", "head_wd", "min_lr", "grad_clip", "warmup_epochs"):
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -250,6 +253,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+ADDED_OPTIONS: dict[str, Any] = {"head_wd": None}
+"""Training options added after run directories and sweep studies were first stored, with the
+default that keeps the old behaviour: a stored config without one means that default, and a
+sweep's study key leaves one out while it is at that default, so older studies and runs still
+match."""
 REQUIRED: tuple[str, ...] = ("backbone", "data", "method")
 
 
@@ -288,7 +297,7 @@ def resolve_config(values: dict[str, Any]) -> TrainConfig:
     if merged.get("warmup_epochs") is None:
         merged["warmup_epochs"] = default_warmup(int(merged["epochs"]))
     merged["method_options"] = dict(merged.get("method_options") or {})
-    for key in ("lr", "wd", "min_lr", "momentum", "grad_clip", "warmup_epochs"):
+    for key in ("lr", "wd", "head_wd", "min_lr", "momentum", "grad_clip", "warmup_epochs"):
         value = _number_or_value(merged.get(key))
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

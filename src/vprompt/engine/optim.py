@@ -13,15 +13,26 @@ from vprompt.engine.config import TrainConfig
 
 
 def param_groups(
-    named: list[tuple[str, nn.Parameter]], no_decay: set[str], wd: float
+    named: list[tuple[str, nn.Parameter]],
+    no_decay: set[str],
+    wd: float,
+    head_wd: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Split parameters into a decayed group and a no-decay group (1-D tensors, ``no_decay``)."""
-    decay, skip = [], []
+    """Split parameters into a decayed group and a no-decay group (1-D tensors, ``no_decay``);
+    with ``head_wd``, the head's decayed weights (names ``head.*``) form a third group."""
+    decay, head, skip = [], [], []
     for name, p in named:
-        (skip if name in no_decay or p.ndim <= 1 else decay).append(p)
+        if name in no_decay or p.ndim <= 1:
+            skip.append(p)
+        elif head_wd is not None and name.startswith("head."):
+            head.append(p)
+        else:
+            decay.append(p)
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": wd, "group": "decay"})
+    if head:
+        groups.append({"params": head, "weight_decay": head_wd, "group": "head_decay"})
     if skip:
         groups.append({"params": skip, "weight_decay": 0.0, "group": "no_decay"})
     return groups
@@ -31,7 +42,8 @@ def build_optimizer(
     named: list[tuple[str, nn.Parameter]], no_decay: set[str], cfg: TrainConfig
 ) -> torch.optim.Optimizer:
     """SGD with momentum (VPT) or AdamW (SPT) at the resolved peak learning rate."""
-    groups = param_groups(named, no_decay, float(cfg.wd or 0.0))
+    head_wd = None if cfg.head_wd is None else float(cfg.head_wd)
+    groups = param_groups(named, no_decay, float(cfg.wd or 0.0), head_wd)
     lr = cfg.actual_lr
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)

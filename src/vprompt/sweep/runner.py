@@ -225,6 +225,7 @@ def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
     option that can change results (all but `NO_EFFECT`) must agree."""
     import yaml
 
+    from vprompt.engine.config import ADDED_OPTIONS
     from vprompt.sweep.spec import NO_EFFECT
 
     config = run_dir / "config.yaml"
@@ -241,6 +242,7 @@ def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
     # config.yaml holds every method option (defaults filled in): the wanted ones must agree.
     options = have.get("method_options") or {}
     same_options = all(options.get(k) == v for k, v in (wanted.get("method_options") or {}).items())
+    have = {**ADDED_OPTIONS, **have}  # written before an option existed: its default
     compared = set(wanted) - NO_EFFECT - {"method_options"}
     return same_options and all(k in have and have[k] == wanted[k] for k in compared)
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vprompt.engine.config import ADDED_OPTIONS
 from vprompt.errors import ConfigError
 from vprompt.sweep.grids import GridPoint, default_grid, grid_points, parse_values
 
@@ -133,7 +134,11 @@ class SweepSpec:
             resolved: a search trial's resolved training options (``TrainConfig.to_dict()``),
                 so a default and the same value given explicitly name the same study.
         """
-        train = {k: v for k, v in sorted(resolved.items()) if k not in NOT_IN_KEY}
+        train = {
+            k: v
+            for k, v in sorted(resolved.items())
+            if k not in NOT_IN_KEY and not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])
+        }
         doc: dict[str, Any] = {"train": train, "search": self.search}
         if self.search == "halving":
             doc.update(eta=self.eta, min_epochs=self.min_epochs, lrs=self.lrs, wds=self.wds)
