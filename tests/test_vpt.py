@@ -164,6 +164,31 @@ def test_all_mean_pool_uses_reference_path_and_counts_prompts():
     torch.testing.assert_close(model.pool(feats), feats[:, 1:].mean(1))
 
 
+def test_cls_plus_patch_mean_applies_the_backbones_fc_norm_to_each_half():
+    """An avg-pooled ViT keeps its final norm in ``fc_norm`` (``norm`` is Identity): both the
+    class token and the patch mean go through it, as each would alone."""
+    vit = tiny_vit(class_token=True, global_pool="avg", fc_norm=True)
+    assert isinstance(vit.norm, torch.nn.Identity)
+    with torch.no_grad():  # a visible affine part, so a skipped norm cannot pass
+        vit.fc_norm.weight.uniform_(0.5, 2.0)
+        vit.fc_norm.bias.uniform_(-1.0, 1.0)
+    model = attach(vit, "vpt-deep", num_classes=2, prompt_len=3, pool="cls+patch-mean")
+    x = images(2)
+    feats = model.forward_features(x)
+    cls, mean = feats[:, 0], feats[:, model.num_prefix_tokens :].mean(1)
+    want = torch.cat([vit.fc_norm(cls), vit.fc_norm(mean)], dim=-1)
+    torch.testing.assert_close(
+        model.forward_head(feats, pre_logits=True), model.head.drop(model.head.norm(want))
+    )
+
+
+def test_attention_pooled_vit_needs_an_explicit_pool():
+    vit = tiny_vit(class_token=False, global_pool="map")
+    with pytest.raises(ConfigError, match=r"attention pool.*pool='patch-mean'"):
+        attach(vit, "vpt-deep", num_classes=2)
+    assert attach(vit, "vpt-deep", num_classes=2, pool="patch-mean").pool_type == "patch-mean"
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

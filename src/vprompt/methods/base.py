@@ -184,6 +184,13 @@ def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
     if pool == "avg":
         raise ConfigError("pool='avg' is for CNNs; for a ViT use 'cls', 'patch-mean', ...")
     has_cls = getattr(backbone, "cls_token", None) is not None
+    if pool == "auto" and getattr(backbone, "attn_pool", None) is not None:
+        raise ConfigError(
+            f"{type(backbone).__name__} pools its tokens with a learned attention pool "
+            f"(global_pool={getattr(backbone, 'global_pool', 'map')!r}), which vprompt's heads do "
+            "not use; choose a pooling for the new head: pool='patch-mean' (or 'cls' / "
+            "'cls+patch-mean' if it has a class token)"
+        )
     if pool == "auto":
         return (
             "cls"
@@ -291,12 +298,11 @@ class PromptedModel(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
         fc_norm = getattr(self.backbone, "fc_norm", None)
-        if (
-            fc_norm is not None
-            and not isinstance(fc_norm, nn.Identity)
-            and self.pool_type != "cls+patch-mean"
-        ):
-            x = fc_norm(x)
+        if fc_norm is not None and not isinstance(fc_norm, nn.Identity):
+            if self.pool_type == "cls+patch-mean":  # the backbone's norm is D wide: each half
+                x = torch.cat([fc_norm(half) for half in x.chunk(2, dim=-1)], dim=-1)
+            else:
+                x = fc_norm(x)
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
