@@ -105,6 +105,20 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
         load_task(tmp_path / "t", backbone=bb)
 
 
+def test_task_from_a_newer_format_asks_for_an_upgrade(tmp_path):
+    bb = tiny_backbone()
+    trained("vpt-deep", bb).save_task(tmp_path)
+    meta = json.loads((tmp_path / TASK_JSON).read_text())
+    assert meta["format"] == 1
+    meta["format"] = 99
+    (tmp_path / TASK_JSON).write_text(json.dumps(meta))
+    with pytest.raises(TaskError, match=r"format 99.*upgrade vprompt"):
+        load_task(tmp_path, backbone=bb)
+    (tmp_path / TASK_JSON).write_text("[1, 2]")  # valid JSON, not a task
+    with pytest.raises(TaskError, match="corrupt"):
+        load_task(tmp_path, backbone=bb)
+
+
 def test_tensors_for_another_config_are_refused(tmp_path):
     bb = tiny_backbone()
     trained("vpt-deep", bb, prompt_len=4).save_task(tmp_path)

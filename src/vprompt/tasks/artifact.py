@@ -97,6 +97,18 @@ def read_task_info(directory: str | os.PathLike) -> TaskInfo:
         raise TaskError(f"{meta_path} is missing: {d} is not a vprompt task directory")
     try:
         meta = json.loads(meta_path.read_text())
+        version = int(meta.get("format", FORMAT_VERSION))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise TaskError(
+            f"{meta_path} is corrupt or not a vprompt task file ({type(e).__name__}: {e})"
+        ) from e
+    if version > FORMAT_VERSION:
+        raise TaskError(
+            f"{meta_path} is task format {version}, written by vprompt "
+            f"{meta.get('vprompt_version', '?')}; this vprompt ({__version__}) reads format "
+            f"{FORMAT_VERSION} and older: upgrade vprompt (pip install -U vprompt)"
+        )
+    try:
         return TaskInfo(
             method=meta["method"],
             options=dict(meta["options"]),
@@ -109,7 +121,7 @@ def read_task_info(directory: str | os.PathLike) -> TaskInfo:
             vprompt_version=str(meta.get("vprompt_version", "?")),
             extra=dict(meta.get("extra", {})),
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise TaskError(
             f"{meta_path} is corrupt or not a vprompt task file ({type(e).__name__}: {e})"
         ) from e
