@@ -275,7 +275,7 @@ def test_rejects_backbones_without_stages():
     ("options", "match"),
     [
         ({"reduction": 0}, "reduction must be an integer >= 1"),
-        ({"reduction": 2.0}, "reduction must be an integer >= 1"),
+        ({"reduction": 2.0}, "reduction must be an integer, got 2.0"),
         ({"kernel_size": 4}, "kernel_size must be odd"),
         ({"vit_groups": 0}, "vit_groups must be an integer >= 1"),
         ({"stages": ()}, "stages is empty"),

@@ -196,6 +196,10 @@ def test_attention_pooled_vit_needs_an_explicit_pool():
         ({"prompt_len": -3}, "prompt_len must be a positive integer"),
         ({"pool": "all-mean", "fast": "on"}, "all-mean"),
         ({"project": 0}, "project must be -1"),
+        ({"prompt_len": True}, "prompt_len must be an integer, got True"),
+        ({"project": 5.5}, "project must be an integer, got 5.5"),
+        ({"head_norm": "no"}, "head_norm must be true or false"),
+        ({"prompt_dropout": "0.1"}, "prompt_dropout must be a number"),
         ({"prompt_dropout": 1.5}, "prompt_dropout"),
         ({"init": "xavier"}, "init='xavier' is not one of"),
         ({"pool": "max"}, "pool='max' is not one of"),
@@ -205,6 +209,29 @@ def test_attention_pooled_vit_needs_an_explicit_pool():
 def test_config_rejects_contradictions(options, message):
     with pytest.raises(ConfigError, match=message):
         attach(tiny_vit(), "vpt-deep", num_classes=2, **options)
+
+
+def test_int_for_a_float_option_becomes_a_float():
+    model = attach(tiny_vit(), "vpt-deep", num_classes=2, prompt_dropout=0, head_dropout=0)
+    assert type(model.config.prompt_dropout) is float and type(model.config.head_dropout) is float
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "names", "message"),
+    [
+        (2, ["cat", "cat"], r"distinct.*\['cat'\]"),
+        (2, ["cat"], "1 class names given for num_classes=2"),
+        (2, ["cat", 3], "must be strings"),
+        (0, None, "num_classes must be an integer >= 1"),
+    ],
+)
+def test_class_names_are_checked_at_attach_and_reset(num_classes, names, message):
+    with pytest.raises(ConfigError, match=message):
+        attach(tiny_vit(), "vpt-deep", num_classes=num_classes, class_names=names)
+    model = attach(tiny_vit(), "vpt-deep", num_classes=3)
+    with pytest.raises(ConfigError, match=message):
+        model.reset_classifier(num_classes, names)
+    assert model.class_names == ["0", "1", "2"]  # unchanged by the refused reset
 
 
 def test_shallow_rejects_fast_on_and_cnn_backbones():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
@@ -55,6 +57,7 @@ class MethodConfig:
     head_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_choice(self, "pool", PoolType)
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(
@@ -80,6 +83,56 @@ class MethodConfig:
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))
+
+
+def check_field_types(config: MethodConfig) -> None:
+    """Raise `ConfigError` for an option of the wrong type (``prompt_len=True``,
+    ``project=5.5``, ``head_norm="no"``); ints given for float options become floats.
+    ``Literal`` choices and container options are left to each config's own checks."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, expected = getattr(config, f.name), hints.get(f.name)
+        if _has_type(value, expected) is False:
+            raise ConfigError(
+                f"{config.name}: {f.name} must be {_type_words(expected)}, got {value!r}"
+            )
+        if expected is float and type(value) is int:
+            setattr(config, f.name, float(value))
+
+
+_SCALARS: dict[Any, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _has_type(value: Any, expected: Any) -> bool | None:
+    """Whether ``value`` fits a scalar annotation (None: not a kind this check covers)."""
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if _is_union(expected):
+        results = [_has_type(value, member) for member in typing.get_args(expected)]
+        return None if None in results else any(results)
+    return None
+
+
+def _is_union(annotation: Any) -> bool:
+    return isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+
+
+def _type_words(expected: Any) -> str:
+    members = typing.get_args(expected) if _is_union(expected) else (expected,)
+    return " or ".join("None" if m is type(None) else _SCALARS.get(m, str(m)) for m in members)
 
 
 def check_choice(config: MethodConfig, field: str, choices: Any) -> None:
@@ -202,6 +255,26 @@ def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
     return pool
 
 
+def _class_names(num_classes: int, class_names: list[str] | None) -> list[str]:
+    """The head's class names (``"0"``, ``"1"``... when none are given), checked: one distinct
+    string per class."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if not class_names:
+        return [str(i) for i in range(num_classes)]
+    names = list(class_names)
+    if len(names) != num_classes:
+        raise ConfigError(f"{len(names)} class names given for num_classes={num_classes}")
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"class names must be strings, got {names!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(
+            f"class names must be distinct (predictions are reported by name); repeated: {repeated}"
+        )
+    return names
+
+
 def _drop_hooks(model: nn.Module) -> None:
     """Remove forward hooks a deep copy carried over (Pro-tuning's are live only mid-forward)."""
     for m in model.modules():
@@ -230,10 +303,7 @@ class PromptedModel(nn.Module):
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ConfigError(f"{len(class_names)} class names given for num_classes={num_classes}")
+        names = _class_names(num_classes, class_names)
         model = backbone.model
         info = backbone
         if method.trains_backbone:
@@ -246,9 +316,7 @@ class PromptedModel(nn.Module):
         self.backbone = model
         self.method = method
         self.config = method.config
-        self.class_names = (
-            list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        )
+        self.class_names = names
         self.pool_type = resolve_pool(method.config.pool, model)
         self.head = ClassifierHead(
             self.num_features, num_classes, method.config.head_norm, method.config.head_dropout
@@ -311,11 +379,10 @@ class PromptedModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
+        names = _class_names(num_classes, class_names)
         cfg = self.method.config
         self.head = ClassifierHead(self.num_features, num_classes, cfg.head_norm, cfg.head_dropout)
-        self.class_names = (
-            list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        )
+        self.class_names = names
 
     def get_classifier(self) -> nn.Module:
         return self.head
