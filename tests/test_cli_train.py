@@ -176,6 +176,41 @@ def test_existing_run_dir_needs_overwrite(
     )
     assert r.exit_code == 2 and "not a vprompt run directory" in r.stderr
     assert (other / "thesis.tex").read_text() == "precious"
+    # a run's own file among other work does not make the folder a run to delete
+    (other / "config.yaml").write_text("x: 1")
+    (other / "src").mkdir()
+    (other / "src" / "notes.txt").write_text("precious")
+    r = invoke(
+        *train_args(tiny_vit_spec, tiny_data_spec, other, "--method", "linear", "--overwrite")
+    )
+    assert r.exit_code == 2 and "files a run does not write (src, thesis.tex)" in r.stderr
+    assert (other / "src" / "notes.txt").read_text() == "precious"
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    """The old run is replaced only once backbone, data and model of the new one are built;
+    a start that fails never leaves an empty --out behind."""
+    run = tmp_path / "run"
+    args = train_args(tiny_vit_spec, tiny_data_spec, run, "--method", "linear", "--epochs", "1")
+    assert invoke(*args, "--quiet").exit_code == 0
+    (run / "eval-test").mkdir()  # `vprompt eval` output is part of a run
+    before = sorted(p.name for p in run.iterdir())
+    missing = tmp_path / "no-such-data"
+    bad = [
+        train_args(tiny_vit_spec, f"folder:{missing}", run, "--method", "linear"),
+        train_args("timm:no_such_model_xyz", tiny_data_spec, run, "--method", "linear"),
+        train_args(tiny_vit_spec, tiny_data_spec, run, "--method", "vpt-deep", "--set", "pool=max"),
+    ]
+    for argv in bad:
+        r = invoke(*argv, "--overwrite", "--quiet")
+        assert r.exit_code != 0 and "Traceback" not in r.output
+        assert sorted(p.name for p in run.iterdir()) == before, argv
+    r = invoke(*train_args(tiny_vit_spec, f"folder:{missing}", tmp_path / "new"), "--quiet")
+    assert r.exit_code != 0 and not (tmp_path / "new").exists()
+    assert invoke(*args, "--overwrite", "--quiet").exit_code == 0  # eval-test/ is no obstacle
+    assert not (run / "eval-test").exists()
 
 
 def test_config_file_and_flag_precedence(

@@ -171,12 +171,17 @@ def _execute(
     backbone: Backbone | None,
     step_hook: Callable[[LoopState], None] | None,
     on_epoch_end: EpochHook | None,
+    overwrite: bool = False,
 ) -> RunResult:
     start = time.perf_counter()
     checkpoint = None if fresh else load_checkpoint(run.path, map_location="cpu")
     bb = backbone or load_backbone(cfg.backbone, cfg.img_size)
     splits = build_data(cfg, bb)
     model = build_model(cfg, bb, splits)
+    if fresh:  # backbone, data and model are good: only now replace or create the directory
+        with on_main(info):
+            if info.is_main:
+                run.create(overwrite=overwrite)
     if backbone is None:
         bb = model.backbone_info  # lets a backbone the method copied (full, bitfit...) be freed
     cfg.method_options = model.config.to_dict()
@@ -265,7 +270,7 @@ def train_run(
     run = RunDir(out)
     with on_main(info):
         if info.is_main:
-            run.create(overwrite=overwrite)
+            run.check_target(overwrite=overwrite)  # refuse before any work, delete nothing yet
     return _execute(
         cfg,
         run,
@@ -275,6 +280,7 @@ def train_run(
         backbone=backbone,
         step_hook=step_hook,
         on_epoch_end=on_epoch_end,
+        overwrite=overwrite,
     )
 
 

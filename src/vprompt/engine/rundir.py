@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vprompt._atomic import atomic_write, atomic_write_text
-from vprompt.engine.checkpoint import CHECKPOINT, save_checkpoint
+from vprompt.engine.checkpoint import CHECKPOINT, CHECKPOINT_INFO, save_checkpoint
 from vprompt.errors import ConfigError
 
 CONFIG = "config.yaml"
@@ -32,11 +32,27 @@ CURVES = "curves.png"
 SUMMARY = "summary.json"
 TASK = "task"
 RUN_MARKERS = (CONFIG, METRICS, CHECKPOINT, SUMMARY)
+RUN_ENTRIES = frozenset(
+    (CONFIG, METRICS, STEPS, CURVES, SUMMARY, CHECKPOINT, CHECKPOINT_INFO, TASK)
+)
+"""Everything a run writes at its top level (plus ``eval-SPLIT/`` folders from `vprompt eval`
+and the hidden temporary files of interrupted atomic writes)."""
 
 
 def is_run_dir(path: Path) -> bool:
     """True if ``path`` holds any file a training run writes."""
     return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Names in ``path`` that no run writes (so `--overwrite` must not delete them)."""
+    return sorted(
+        e.name
+        for e in path.iterdir()
+        if e.name not in RUN_ENTRIES
+        and not (e.is_dir() and e.name.startswith("eval-"))
+        and not (e.name.startswith(".") and e.name.endswith(".tmp"))
+    )
 
 
 class RunDir:
@@ -46,29 +62,46 @@ class RunDir:
         self.path = Path(path)
 
     # ------------------------------------------------------------------ lifecycle
-    def create(self, overwrite: bool = False) -> None:
-        """Make a fresh run directory; never replace one without ``overwrite``.
+    def check_target(self, overwrite: bool = False) -> None:
+        """Check that a fresh run may be written here, without touching anything.
 
         Raises:
-            ConfigError: the directory exists and is not empty (without ``overwrite``), or it
-                holds files that are not a run's (``overwrite`` only replaces run directories).
+            ConfigError: the path is a file; the directory is not empty (without
+                ``overwrite``); or it is not a run directory, or holds anything a run does not
+                write (``overwrite`` replaces run directories only, and only whole).
         """
         p = self.path
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--out {p} is a file; give a directory path")
-        if p.is_dir() and any(p.iterdir()):
-            if not overwrite:
-                raise ConfigError(
-                    f"run directory {p} already exists and is not empty; pass --overwrite to "
-                    f"replace it, or `vprompt train --resume {p}` to continue it"
-                )
-            if not is_run_dir(p):
-                raise ConfigError(
-                    f"{p} is not empty and is not a vprompt run directory (no {CONFIG}); "
-                    "--overwrite only replaces run directories, so choose another --out"
-                )
-            shutil.rmtree(p)
-        p.mkdir(parents=True, exist_ok=True)
+        if not (p.is_dir() and any(p.iterdir())):
+            return
+        if not overwrite:
+            raise ConfigError(
+                f"run directory {p} already exists and is not empty; pass --overwrite to "
+                f"replace it, or `vprompt train --resume {p}` to continue it"
+            )
+        if not is_run_dir(p):
+            raise ConfigError(
+                f"{p} is not empty and is not a vprompt run directory (no {CONFIG}); "
+                "--overwrite only replaces run directories, so choose another --out"
+            )
+        foreign = foreign_entries(p)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise ConfigError(
+                f"{p} holds files a run does not write ({shown}); --overwrite would delete "
+                "them, so it refuses: move them out or choose another --out"
+            )
+
+    def create(self, overwrite: bool = False) -> None:
+        """Make a fresh run directory (replacing a run directory with ``overwrite``); see
+        `check_target` for what is refused."""
+        self.check_target(overwrite)
+        if self.path.is_dir() and any(self.path.iterdir()):
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, text: str) -> None:
         atomic_write_text(self.path / CONFIG, text)
