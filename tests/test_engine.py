@@ -84,6 +84,13 @@ def test_lr_scaling_rules() -> None:
     assert math.isclose(forced.actual_lr, forced.lr / 2)
 
 
+def test_min_lr_above_the_peak_is_refused() -> None:
+    base = {"backbone": "b", "data": "d", "method": "vpt-deep", "lr": 0.1, "batch_size": 32}
+    with pytest.raises(ConfigError, match=r"min_lr=0.02 is above the peak learning rate 0.0125"):
+        resolve_config({**base, "min_lr": 0.02})  # above the scaled 0.0125, below the base 0.1
+    assert resolve_config({**base, "min_lr": 0.0125}).min_lr == 0.0125
+
+
 def test_warmup_default_scales_with_epochs() -> None:
     assert default_warmup(1) == 0
     assert default_warmup(5) == 0.5
@@ -322,12 +329,49 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     )  # epoch 1 and one step of epoch 2 are fine
     run = RunDir(tmp_path / "run")
     run.create()
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2 of the epoch.*lower --lr"):
+    kept = r"checkpoint \(after 1 epoch\(s\), step 4\) is kept"
+    with pytest.raises(
+        TrainingDiverged, match=rf"epoch 2, step 2 of the epoch.*{kept}.*lower --lr"
+    ):
         fit(model, splits, cfg, sink=run)
     ckpt = load_checkpoint(run.path)
     assert ckpt["global_step"] == 4  # 3 steps of epoch 1 + 1 of epoch 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in read_jsonl(run.path / "metrics.jsonl")] == [1]
+
+    # diverged before any checkpoint: the message must not promise one
+    cfg, model, splits = _model_and_splits(base_values(tiny_vit_spec, tiny_data_spec, epochs=3))
+    splits.train = _PoisonAfter(splits.train, after=8)
+    run = RunDir(tmp_path / "early")
+    run.create()
+    with pytest.raises(TrainingDiverged, match="no checkpoint had been written yet"):
+        fit(model, splits, cfg, sink=run)
+    assert not (run.path / CHECKPOINT).exists()
+
+
+def test_epoch_checkpoint_is_written_before_its_records_and_plot(
+    tiny_vit_spec: str, tiny_data_spec: str
+) -> None:
+    """A kill while the epoch's records and plot are written (a second, matplotlib's import)
+    must not lose the epoch: its checkpoint comes first."""
+
+    class Order:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def step(self, record: dict) -> None:
+            pass
+
+        def epoch(self, record: dict, history: list) -> None:
+            self.calls.append(f"epoch {record['epoch']}")
+
+        def checkpoint(self, state: dict) -> None:
+            self.calls.append(f"checkpoint {state['epoch']}")
+
+    cfg, model, splits = _model_and_splits(base_values(tiny_vit_spec, tiny_data_spec, epochs=2))
+    sink = Order()
+    fit(model, splits, cfg, sink=sink)
+    assert sink.calls == ["checkpoint 1", "epoch 1", "checkpoint 2", "epoch 2"]
 
 
 def test_sigint_saves_checkpoint_and_resume_matches_uninterrupted(

@@ -246,6 +246,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for name in ("workers", "ckpt_every_steps", "seed", "data_seed"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr is not None and cfg.optimizer is not None and cfg.min_lr > cfg.actual_lr:
+        raise ConfigError(
+            f"min_lr={cfg.min_lr:g} is above the peak learning rate {cfg.actual_lr:g} (lr "
+            f"{cfg.lr:g}{' x batch/256' if cfg.scaled_lr else ''}), so the cosine would climb; "
+            "lower --min-lr (default 1e-8) or raise --lr"
+        )
     if cfg.epochs is not None and cfg.warmup_epochs is not None and cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(
             f"warmup_epochs={cfg.warmup_epochs} is longer than epochs={cfg.epochs}; lower it"

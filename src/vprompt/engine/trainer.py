@@ -300,6 +300,7 @@ class Loop:
     step_hook: Callable[[LoopState], None] | None = None
     last_val: dict[str, Any] | None = None
     stop_agreed: bool = False
+    saved_at: tuple[int, int] | None = None  # (epochs done, global step) of the last checkpoint
     step_delay: float = field(
         default_factory=lambda: float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     )
@@ -310,8 +311,8 @@ class Loop:
         if not all_finite(model_state):
             raise TrainingDiverged(
                 f"the weights became NaN/inf at epoch {self.state.epoch + 1}, step "
-                f"{self.state.global_step}; the last good checkpoint is kept. Lower --lr, set "
-                "--grad-clip 1.0, or use --precision fp32"
+                f"{self.state.global_step}; {self._kept()}. Start it again (--overwrite) with a "
+                "lower --lr, --grad-clip 1.0, or --precision fp32"
             )
         return {
             "epoch": self.state.epoch,
@@ -331,8 +332,18 @@ class Loop:
         """Checkpoint (rank 0 with a sink); every rank refuses non-finite weights alike."""
         if self.sink is not None and self.info.is_main:
             self.sink.checkpoint(self.checkpoint_state(complete))
+            self.saved_at = (self.state.epoch, self.state.global_step)
         elif not all_finite(trainable_state(self.model)):
             self.checkpoint_state(complete)  # raises the NaN/inf error
+
+    def _kept(self) -> str:
+        """What a diverged run leaves to go back to."""
+        if self.sink is None:
+            return "nothing was saved"
+        if self.saved_at is None:
+            return "no checkpoint had been written yet"
+        epochs, step = self.saved_at
+        return f"the last good checkpoint (after {epochs} epoch(s), step {step}) is kept"
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         load_trainable_state(
@@ -343,6 +354,7 @@ class Loop:
         set_rng_state(ckpt["rng"])
         self.state = LoopState.from_dict(ckpt["loop"])
         self.best_state = dict(ckpt.get("best_state") or {})
+        self.saved_at = (self.state.epoch, self.state.global_step)
 
     # -------------------------------------------------------------- one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor, global_n: int) -> tuple[float, float]:
@@ -392,16 +404,16 @@ class Loop:
 
     def _nan_message(self, loss: float, lr: float) -> str:
         st = self.state
-        hints = ["lower --lr (e.g. by 10x)", "set --grad-clip 1.0"]
+        hints = ["a lower --lr (e.g. 10x lower)", "--grad-clip 1.0"]
         if self.cfg.precision == "bf16":
-            hints.append("use --precision fp32")
+            hints.append("--precision fp32")
         if not self.model.config.head_norm:
-            hints.append("keep the head BatchNorm (--set head_norm=true)")
-        last = "the last good checkpoint is kept" if self.sink is not None else "nothing was saved"
+            hints.append("the head BatchNorm (--set head_norm=true)")
+        again = "start it again (--overwrite) with " if self.sink is not None else "try "
         return (
             f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch + 1} of the epoch "
-            f"(global step {st.global_step + 1}, lr {lr:.3g}); training stopped and {last}. "
-            f"Try: {'; '.join(hints)}"
+            f"(global step {st.global_step + 1}, lr {lr:.3g}); training stopped and "
+            f"{self._kept()}. To train on, {again}{'; or '.join(hints)}"
         )
 
     # -------------------------------------------------------------- one epoch
@@ -508,9 +520,11 @@ class Loop:
         self.reporter.info(epoch_line(record, self.cfg.epochs))
         st.epoch += 1
         st.start_epoch()
+        # checkpoint first: the record and plot (a second, importing matplotlib) come after, so
+        # a kill in between loses no training (resume rewrites the records from the checkpoint)
+        self.save(complete=st.epoch >= int(self.cfg.epochs or 0))
         if self.sink is not None and self.info.is_main:
             self.sink.epoch(record, st.history)
-        self.save(complete=st.epoch >= int(self.cfg.epochs or 0))
         return record
 
     def keep_going(self, hook: EpochHook, record: dict[str, Any]) -> bool:
