@@ -451,3 +451,81 @@ def test_ctrl_c_saves_and_says_how_to_resume(
     r = invoke("train", "--resume", run, "--quiet")
     assert r.exit_code == 0, r.output
     assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_eval_and_predict_refuse_bad_numbers_and_empty_inputs(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        invoke(
+            *train_args(
+                tiny_vit_spec, tiny_data_spec, run, "--method", "linear", "--epochs", "1", "-q"
+            )
+        ).exit_code
+        == 0
+    )
+    task = run / "task"
+    for argv in (
+        ["eval", task, "--data", tiny_data_spec, "--batch-size", "0"],
+        ["eval", task, "--data", tiny_data_spec, "--workers", "-1"],
+        ["eval", task, "--data", tiny_data_spec, "--size", "0"],
+        ["predict", task, str(tmp_path), "--batch-size", "0"],
+        ["predict", task, str(tmp_path), "--top-k", "0"],
+    ):
+        r = invoke(*argv)
+        assert r.exit_code == 2 and "Traceback" not in r.output and "greater than" in r.output, argv
+    (tmp_path / "somefile").write_text("x")
+    r = invoke("eval", task, "--data", tiny_data_spec, "--out", tmp_path / "somefile")
+    assert r.exit_code == 2 and "is a file" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = invoke("predict", task, tmp_path / "empty")
+    assert r.exit_code != 0 and "no images found" in r.stderr
+
+
+def test_relative_file_backbone_is_stored_absolute_and_can_be_replaced(
+    tiny_data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with ``file:REL.pth`` keeps an absolute path, so its task loads from any
+    directory; a moved checkpoint is given to eval / predict with --backbone (weights checked)."""
+    import timm
+    from safetensors.torch import save_file
+
+    arch = "vit_tiny_patch16_224"
+    torch.manual_seed(1)  # not the weights load_backbone gives a random timm: spec
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=32, depth=2,
+                            embed_dim=32, num_heads=2)  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in vit.state_dict().items()}, str(work / "sd.safetensors")
+    )
+    spec = f"file:sd.safetensors#{arch}?img_size=32&depth=2&embed_dim=32&num_heads=2"
+    monkeypatch.chdir(work)
+    assert (
+        invoke(
+            *train_args(
+                spec, tiny_data_spec, work / "run", "--method", "linear", "--epochs", "1", "-q"
+            )
+        ).exit_code
+        == 0
+    )
+    stored = json.loads((work / "run" / "task" / "task.json").read_text())["backbone"]["spec"]
+    assert stored.startswith(f"file:{work / 'sd.safetensors'}#")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the stored path still works
+    image = next(Path(tiny_data_spec.removeprefix("folder:")).rglob("*.png"))
+    assert invoke("predict", work / "run" / "task", image).exit_code == 0
+    (work / "sd.safetensors").rename(tmp_path / "moved.safetensors")
+    r = invoke("predict", work / "run" / "task", image)
+    assert r.exit_code != 0 and "not found" in r.stderr
+    moved = spec.replace("sd.safetensors", str(tmp_path / "moved.safetensors"))
+    r = invoke("predict", work / "run" / "task", image, "--backbone", moved)
+    assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[0])["label"]
+    r = invoke(
+        "predict",
+        work / "run" / "task",
+        image,
+        "--backbone",
+        "timm:" + arch + "?pretrained=false&img_size=32&depth=2&embed_dim=32&num_heads=2",
+    )
+    assert r.exit_code != 0 and "fingerprint" in r.stderr  # other weights are refused

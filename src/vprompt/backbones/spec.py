@@ -103,6 +103,20 @@ def parse_backbone_spec(spec: str) -> BackboneSpec:
     return _build_spec(kind, target, arch, options, spec)
 
 
+def absolute_file_spec(spec: str) -> str:
+    """``spec`` with a relative ``file:`` path made absolute (other specs unchanged), so the
+    run and task that store it still find the checkpoint from another directory."""
+    from pathlib import Path
+
+    if not spec.strip().startswith("file:"):
+        return spec
+    parsed = parse_backbone_spec(spec)
+    if parsed.kind != "file" or Path(parsed.target).expanduser().is_absolute():
+        return spec
+    target = str(Path(parsed.target).expanduser().resolve())
+    return str(BackboneSpec(**{**parsed.__dict__, "target": target}))
+
+
 def _split_target(rest: str) -> tuple[str, str | None, str]:
     """Split ``TARGET[#ARCH][?QUERY]`` (``?QUERY`` may also come before ``#ARCH``)."""
     query = ""

@@ -12,6 +12,11 @@ from vprompt.cli.train import EXIT_ERROR, cli_errors
 
 Opt = typer.Option
 
+BACKBONE_HELP = (
+    "Backbone spec to load instead of the one the task names (its checkpoint moved, say); "
+    "its weights must be the task's."
+)
+
 
 def _format_eval(report: dict[str, Any]) -> str:
     lines = [
@@ -36,16 +41,20 @@ def eval_command(
         Path | None,
         Opt(help="Folder for metrics.json and confusion.png (default: RUN_DIR/eval-SPLIT)."),
     ] = None,
-    size: Annotated[int | None, Opt(help="Evaluate a stratified subsample of N images.")] = None,
-    batch_size: Annotated[int, Opt(help="Images per forward.")] = 64,
+    size: Annotated[
+        int | None, Opt(min=1, help="Evaluate a stratified subsample of N images.")
+    ] = None,
+    batch_size: Annotated[int, Opt(min=1, help="Images per forward.")] = 64,
     device: Annotated[Literal["auto", "cpu", "cuda"], Opt(help="Device.")] = "auto",
-    workers: Annotated[int, Opt(help="DataLoader workers.")] = 0,
+    workers: Annotated[int, Opt(min=0, help="DataLoader workers.")] = 0,
     seed: Annotated[
         int | None,
         Opt(
             help="Data seed for subsets and carved splits (default: the task's training data seed)."
         ),
     ] = None,
+    backbone: Annotated[str | None, Opt(help=BACKBONE_HELP)] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix of a task on a dataset split."""
     from vprompt.engine.inference import evaluate_task
@@ -61,6 +70,8 @@ def eval_command(
             device=device,
             workers=workers,
             seed=seed,
+            backbone=backbone,
+            progress=not quiet,
         )
         typer.echo(json.dumps(report) if as_json else _format_eval(report))
 
@@ -68,18 +79,30 @@ def eval_command(
 def predict_command(
     task_dir: Annotated[Path, typer.Argument(help="Task folder (a run's task/).")],
     images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
-    top_k: Annotated[int, Opt(help="Labels per image.")] = 5,
-    batch_size: Annotated[int, Opt(help="Images per forward.")] = 32,
+    top_k: Annotated[int, Opt(min=1, help="Labels per image (at most the task's classes).")] = 5,
+    batch_size: Annotated[int, Opt(min=1, help="Images per forward.")] = 32,
     device: Annotated[Literal["auto", "cpu", "cuda"], Opt(help="Device.")] = "auto",
+    backbone: Annotated[str | None, Opt(help=BACKBONE_HELP)] = None,
 ) -> None:
     """Top-k labels and probabilities, one JSON line per image; unreadable images give an
     ``error`` line and a nonzero exit status at the end."""
-    from vprompt.engine.inference import expand_inputs, load_task_model, predict_images
+    from vprompt.engine.inference import (
+        IMAGE_SUFFIXES,
+        expand_inputs,
+        load_task_model,
+        predict_images,
+    )
+    from vprompt.errors import DataError
 
     failed = 0
     with cli_errors():
-        model = load_task_model(task_dir, device)
         paths = expand_inputs(images)
+        if not paths:
+            raise DataError(
+                f"no images found in {' '.join(images)} (looked for "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))}, folders searched recursively)"
+            )
+        model = load_task_model(task_dir, device, backbone)
         for record in predict_images(model, paths, top_k=top_k, batch_size=batch_size):
             failed += "error" in record
             typer.echo(json.dumps(record))

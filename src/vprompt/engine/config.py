@@ -303,6 +303,10 @@ def resolve_config(values: dict[str, Any]) -> TrainConfig:
     if merged.get("warmup_epochs") is None:
         merged["warmup_epochs"] = default_warmup(int(merged["epochs"]))
     merged["method_options"] = dict(merged.get("method_options") or {})
+    if isinstance(merged.get("backbone"), str):  # runs and tasks keep a path that works anywhere
+        from vprompt.backbones.spec import absolute_file_spec
+
+        merged["backbone"] = absolute_file_spec(merged["backbone"])
     for key in ("lr", "wd", "head_wd", "min_lr", "momentum", "grad_clip", "warmup_epochs"):
         value = _number_or_value(merged.get(key))
         if isinstance(value, int) and not isinstance(value, bool):

@@ -11,9 +11,11 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from vprompt._atomic import atomic_write_text
 from vprompt.engine.distributed import DistInfo, pick_device
 from vprompt.engine.evaluate import predict_split, save_confusion_png, summarize
-from vprompt.errors import DataError
+from vprompt.engine.progress import Reporter
+from vprompt.errors import ConfigError, DataError
 from vprompt.methods.base import PromptedModel
 
 Split = Literal["train", "val", "test"]
@@ -22,12 +24,39 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
-def load_task_model(task_dir: str | Path, device: str = "auto") -> PromptedModel:
-    """Load a task with its backbone, in eval mode."""
-    from vprompt.tasks import load_task
+def load_task_model(
+    task_dir: str | Path, device: str = "auto", backbone: str | None = None
+) -> PromptedModel:
+    """Load a task with its backbone, in eval mode.
 
-    model = load_task(task_dir)
+    Args:
+        task_dir: the task artifact folder.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        backbone: a backbone spec to load instead of the one the task names (its checkpoint
+            moved, say); its weights must still be the task's (the fingerprint is checked).
+    """
+    from vprompt.tasks import load_task, read_task_info
+
+    bb = None
+    if backbone is not None:
+        from vprompt.backbones import load_backbone
+
+        bb = load_backbone(backbone, img_size=read_task_info(task_dir).img_size)
+    model = load_task(task_dir, backbone=bb)
     return model.to(pick_device(device)).eval()
+
+
+_LOWEST: dict[str, int] = {"batch_size": 1, "size": 1, "workers": 0, "top_k": 1}
+
+
+def _check_counts(**counts: int | None) -> None:
+    """``batch_size=0``, ``workers=-1``...: a `ConfigError` naming the option (None: unset)."""
+    for name, got in counts.items():
+        low = _LOWEST[name]
+        if got is not None and (isinstance(got, bool) or not isinstance(got, int) or got < low):
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be an integer >= {low}, got {got!r}"
+            )
 
 
 def default_eval_dir(task_dir: Path, split: str) -> Path:
@@ -49,6 +78,8 @@ def evaluate_task(
     device: str = "auto",
     workers: int = 0,
     seed: int | None = None,
+    backbone: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Top-1, top-5, loss, per-class accuracy and confusion matrix of a task on one split.
 
@@ -65,10 +96,16 @@ def evaluate_task(
         workers: DataLoader workers.
         seed: data seed (how val/test are carved from a pool and subsampled); by default the
             task's training ``data_seed``, so a carved split is the same one as in training.
+        backbone: load this backbone spec instead of the task's (see `load_task_model`).
+        progress: a progress bar (with rate and ETA) on a terminal.
     """
     from vprompt.data import build_splits
 
-    model = load_task_model(task_dir, device)
+    _check_counts(batch_size=batch_size, size=size, workers=workers)
+    out_dir = Path(out) if out is not None else default_eval_dir(Path(task_dir), split)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder for metrics.json")
+    model = load_task_model(task_dir, device, backbone)
     info = model.backbone_info
     if seed is None:
         from vprompt.tasks import read_task_info
@@ -91,12 +128,19 @@ def evaluate_task(
             f"{model.class_names[:5]}...; evaluate on data with the same classes"
         )
     dist = DistInfo(device=next(model.head.parameters()).device)
-    pred = predict_split(model, dataset, batch_size=batch_size, info=dist, workers=workers)
+    with Reporter(quiet=not progress).bar(f"eval {split}", len(dataset)) as bar:
+        pred = predict_split(
+            model,
+            dataset,
+            batch_size=batch_size,
+            info=dist,
+            workers=workers,
+            progress=bar.advance,
+        )
     metrics = summarize(pred, list(model.class_names))
     report = {"task": str(task_dir), "data": data, "split": split, **metrics}
-    out_dir = Path(out) if out is not None else default_eval_dir(Path(task_dir), split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     save_confusion_png(
         metrics["confusion"],
         list(model.class_names),
@@ -147,10 +191,11 @@ def predict_images(
     """
     from vprompt.data import build_transform
 
+    _check_counts(top_k=top_k, batch_size=batch_size)
     info = model.backbone_info
     transform = build_transform(info.data_config, img_size=info.img_size, augment="none")
     device = next(model.head.parameters()).device
-    k = max(1, min(top_k, model.num_classes))
+    k = min(top_k, model.num_classes)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         tensors: dict[int, torch.Tensor] = {}
