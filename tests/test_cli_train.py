@@ -529,3 +529,29 @@ def test_relative_file_backbone_is_stored_absolute_and_can_be_replaced(
         "timm:" + arch + "?pretrained=false&img_size=32&depth=2&embed_dim=32&num_heads=2",
     )
     assert r.exit_code != 0 and "fingerprint" in r.stderr  # other weights are refused
+
+
+def test_bad_test_image_after_training_keeps_the_training(
+    tiny_vit_spec: str, tmp_path: Path
+) -> None:
+    """The test split is read after the last epoch: a corrupt image there says how to finish
+    the run (fix it, resume) and the resumed run trains nothing again."""
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data")
+    bad = sorted((data / "test").rglob("*.png"))[0]
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png")
+    run = tmp_path / "run"
+    r = invoke(
+        *train_args(
+            tiny_vit_spec, f"folder:{data}", run, "--method", "vpt-deep", "--epochs", "1", "-q"
+        )
+    )
+    assert r.exit_code != 0 and str(bad) in r.stderr and f"--resume {run}" in r.stderr
+    steps = (run / "steps.jsonl").read_text()
+    bad.write_bytes(good)
+    r = invoke("train", "--resume", run, "-q")
+    assert r.exit_code == 0, r.output
+    assert (run / "steps.jsonl").read_text() == steps  # not one step trained again
+    assert (run / "task" / "task.safetensors").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vprompt.data.dataset import ImageDataset
+from vprompt.errors import DataError
 
 CELL_INCHES = 1.1
 
@@ -45,12 +46,30 @@ def save_grid(
         seed: which images are drawn.
         max_classes: show at most this many classes (the first ones); None for all.
         title: figure title.
+
+    Returns:
+        The file written (``out``, with ``.png`` added when it has no suffix).
+
+    Raises:
+        DataError: ``out`` is a folder or has a suffix matplotlib cannot write.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give an image file, such as {out / 'grid.png'}")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    elif out.suffix.lower().lstrip(".") not in formats:
+        raise DataError(
+            f"--out {out}: cannot write {out.suffix} images; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
     rows = sample_indices(dataset, per_class, seed, max_classes)
     n_rows, n_cols = max(len(rows), 1), max(per_class, 1)
     label_width = 0.12 * max((len(n) for n in dataset.class_names[: len(rows)]), default=4)
@@ -79,7 +98,6 @@ def save_grid(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -7,6 +7,7 @@ Both work in one process or under ``torchrun`` (only rank 0 writes).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 
 from vprompt._version import __version__
 from vprompt.backbones import Backbone, load_backbone
-from vprompt.engine.checkpoint import load_checkpoint
+from vprompt.engine.checkpoint import CHECKPOINT_INFO, load_checkpoint
 from vprompt.engine.config import (
     TrainConfig,
     config_yaml,
@@ -29,7 +30,7 @@ from vprompt.engine.distributed import DistInfo, broadcast_flag, init_distribute
 from vprompt.engine.progress import Reporter
 from vprompt.engine.rundir import CONFIG, RunDir
 from vprompt.engine.trainer import EpochHook, FitResult, LoopState, fit, resolved_schedule
-from vprompt.errors import ConfigError, TrainingError, VPromptError
+from vprompt.errors import ConfigError, DataError, TrainingError, VPromptError
 from vprompt.methods.base import PromptedModel
 
 
@@ -200,17 +201,26 @@ def _execute(
             run.write_config(config_yaml(cfg, resolved, __version__))
         else:
             run.rewind(checkpoint["global_step"], checkpoint["loop"]["history"])
-    result = fit(
-        model,
-        splits,
-        cfg,
-        sink=run,
-        info=info,
-        reporter=reporter,
-        checkpoint=checkpoint,
-        step_hook=step_hook,
-        on_epoch_end=on_epoch_end,
-    )
+    try:
+        result = fit(
+            model,
+            splits,
+            cfg,
+            sink=run,
+            info=info,
+            reporter=reporter,
+            checkpoint=checkpoint,
+            step_hook=step_hook,
+            on_epoch_end=on_epoch_end,
+        )
+    except DataError as e:
+        if not (info.is_main and _training_complete(run.path)):
+            raise
+        raise DataError(  # a bad test image after the last epoch: the training is not lost
+            f"{e} The training itself finished and is checkpointed: fix or remove that image, "
+            f"then `vprompt train --resume {run.path}` evaluates and writes the task without "
+            "training again."
+        ) from e
     summary = build_summary(cfg, model, result, time.perf_counter() - start, info)
     if info.is_main:
         from vprompt.tasks import task_size_bytes
@@ -220,6 +230,15 @@ def _execute(
         summary["task_dir"] = str(run.task_dir)
         run.write_summary(summary)
     return RunResult(run.path, summary, result, model)
+
+
+def _training_complete(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the checkpoint of a run that trained every epoch."""
+    info = run_dir / CHECKPOINT_INFO
+    try:
+        return bool(json.loads(info.read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def final_line(summary: dict[str, Any], run_dir: Path) -> str:
