@@ -56,6 +56,9 @@ def test_methods_command_lists_every_method_with_options():
     assert vpt_options["prompt_len"] == "10"
     assert vpt_options["fast"] == "'auto'"
     assert {row["option"] for row in listing["partial"]} >= {"k", "pool"}
+    types = {row["option"]: row["type"] for row in listing["spt-deep"]}  # choices spelled out
+    assert types["fast"] == "'auto' | 'on' | 'off'" and types["head_norm"] == "bool"
+    assert types["max_images"] == "int | None"
 
 
 def test_version_flag():

@@ -405,8 +405,13 @@ class _NotATensor:
 def test_file_never_unpickles_objects(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pth"
     torch.save({"state_dict": _tiny_vit().state_dict(), "extra": _NotATensor()}, path)
-    with pytest.raises(BackboneError, match="never unpickles"):
+    with pytest.raises(BackboneError, match=r"_NotATensor.*never unpickles") as info:
         load_backbone(f"file:{path}#{ARCH}?{TINY_KW}")
+    assert "weights_only" not in str(info.value)  # torch's hint is the unsafe way out
+    path.write_bytes(b"\x00\x01 not a checkpoint" * 8)
+    with pytest.raises(BackboneError, match=r"not a file torch\.save wrote") as info:
+        load_backbone(f"file:{path}#{ARCH}?{TINY_KW}")
+    assert "weights_only" not in str(info.value)
 
 
 # ---------------------------------------------------------------- fingerprint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,18 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's own text suggests weights_only=False, the unsafe way out: keep only the cause
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise BackboneError(
+                f"Cannot read torch checkpoint {path}: it is not a file torch.save wrote (or it "
+                "is damaged); check the path, download it again, or use a .safetensors file"
+            ) from None
         raise BackboneError(
-            f"{path} holds Python objects other than tensors, and vprompt never unpickles "
-            "code. Re-save only the weights, e.g. torch.save(model.state_dict(), path), or "
-            f"convert it to .safetensors. ({str(e).splitlines()[0]})"
-        ) from e
+            f"{path} holds Python objects other than tensors ({found.group(1)}), and vprompt "
+            "never unpickles code. Re-save only the weights, e.g. "
+            "torch.save(model.state_dict(), path), or convert it to .safetensors"
+        ) from None
     except (RuntimeError, OSError, EOFError) as e:
         raise BackboneError(f"Cannot read torch checkpoint {path}: {e}") from e
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
@@ -12,9 +15,24 @@ from rich.table import Table
 from vprompt.methods import get_method_class, list_methods
 
 
+def type_text(annotation: Any) -> str:
+    """An option's type for people: a ``Literal``'s values (``'cls' | 'avg'``), unions spelled
+    out, builtins by name."""
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(repr(v) for v in typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return " | ".join(type_text(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def method_options(name: str) -> list[dict[str, str]]:
-    """Each option of a method's config: name, type and default, as strings."""
+    """Each option of a method's config: name, type (choices spelled out) and default."""
     cfg_cls = get_method_class(name).config_class
+    hints = typing.get_type_hints(cfg_cls)
     rows = []
     for f in dataclasses.fields(cfg_cls):
         if f.default is not dataclasses.MISSING:
@@ -23,7 +41,8 @@ def method_options(name: str) -> list[dict[str, str]]:
             default = f.default_factory()
         else:
             default = "(required)"
-        rows.append({"option": f.name, "type": str(f.type), "default": repr(default)})
+        kind = type_text(hints[f.name]) if f.name in hints else str(f.type)
+        rows.append({"option": f.name, "type": kind, "default": repr(default)})
     return rows
 
 

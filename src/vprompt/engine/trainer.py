@@ -672,7 +672,10 @@ def fit(
     )
     if checkpoint is not None:
         loop.restore(checkpoint)
-        reporter.info(f"resumed at epoch {loop.state.epoch + 1}, step {loop.state.global_step}")
+        if loop.state.epoch >= int(cfg.epochs or 0):
+            reporter.info(f"all {cfg.epochs} epochs were trained already: evaluating only")
+        else:
+            reporter.info(f"resumed at epoch {loop.state.epoch + 1}, step {loop.state.global_step}")
     start = time.perf_counter()
     try:
         with stop_on_signals() as flag, cpu_threads(1 if stage.cached else None):
