@@ -481,6 +481,9 @@ def test_eval_and_predict_refuse_bad_numbers_and_empty_inputs(
     (tmp_path / "empty").mkdir()
     r = invoke("predict", task, tmp_path / "empty")
     assert r.exit_code != 0 and "no images found" in r.stderr
+    r = invoke("eval", task, "--data", "builtin:digits", "--size", "10", "-q")
+    assert r.exit_code != 0 and "(0, 1, 2, 3, 4 and 5 more) differ" in r.stderr
+    assert "task's (blue, green, red)" in r.stderr  # folder classes sort by name
 
 
 def test_relative_file_backbone_is_stored_absolute_and_can_be_replaced(

@@ -124,8 +124,8 @@ def evaluate_task(
         raise DataError(f"{data} has no {split} split; choose one of {list(splits.datasets())}")
     if list(splits.class_names) != list(model.class_names):
         raise DataError(
-            f"the classes of {data} {splits.class_names[:5]}... differ from the task's "
-            f"{model.class_names[:5]}...; evaluate on data with the same classes"
+            f"the classes of {data} ({_names(splits.class_names)}) differ from the task's "
+            f"({_names(model.class_names)}); evaluate on data with the same classes, in order"
         )
     dist = DistInfo(device=next(model.head.parameters()).device)
     with Reporter(quiet=not progress).bar(f"eval {split}", len(dataset)) as bar:
@@ -149,6 +149,11 @@ def evaluate_task(
     )
     report["out"] = str(out_dir)
     return report
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def expand_inputs(items: Iterable[str]) -> list[str]:
