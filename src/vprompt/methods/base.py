@@ -451,17 +451,21 @@ class PromptedModel(nn.Module):
             tensors.update(dict(self.backbone.named_buffers()))
         return tensors
 
-    def task_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what the task adds to the backbone: method tensors, tuned backbone weights, head."""
+    def _task_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors of `task_state_dict` (not copied)."""
         state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
         for n, t in self._backbone_task_tensors().items():
             state[f"backbone.{n}"] = t.detach()
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        return {k: v.detach().clone().contiguous() for k, v in state.items()}
+        return state
+
+    def task_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what the task adds to the backbone: method tensors, tuned backbone weights, head."""
+        return {k: v.detach().clone().contiguous() for k, v in self._task_tensors().items()}
 
     def load_task_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Strict inverse of `task_state_dict`: every key must be there with its shape."""
-        expected = self.task_state_dict()
+        expected = self._task_tensors()  # shapes only: no copy (a full fine-tune is a backbone)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         shapes = [
