@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -65,3 +67,17 @@ def test_version_flag():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert vprompt.__version__ in result.output
+
+
+def test_command_and_package_start_without_torch():
+    """`vprompt --help` and `import vprompt` load torch, timm and torchvision only when a
+    command or a name needs them (they took seconds before any output)."""
+    code = (
+        "import sys, vprompt, vprompt.cli; "
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)); "
+        "vprompt.attach; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]  # lazy, then loaded on first use
+    assert "attach" in dir(vprompt) and set(vprompt.__all__) <= set(dir(vprompt))

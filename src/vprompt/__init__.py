@@ -13,10 +13,10 @@ The data path, in one screen::
     task = vprompt.load_task("runs/fmnist/task", backbone=backbone)
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from vprompt._version import __version__
-from vprompt.backbones import Backbone, DataConfig, list_zoo, load_backbone
-from vprompt.data import DataSplits, build_splits, build_transform
-from vprompt.engine import TrainConfig, fit, resume_run, train_run
 from vprompt.errors import (
     BackboneError,
     ConfigError,
@@ -26,17 +26,58 @@ from vprompt.errors import (
     TrainingError,
     VPromptError,
 )
-from vprompt.methods import (
-    Method,
-    MethodConfig,
-    PromptedModel,
-    attach,
-    get_method_class,
-    list_methods,
-    make_config,
-    register_method,
-)
-from vprompt.tasks import TaskInfo, load_task, read_task_info, save_task
+
+# The public names, imported on first use: `import vprompt` (and so the `vprompt` command's
+# start-up, `vprompt --help`) does not pay for torch, timm and torchvision until they are needed.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("Backbone", "DataConfig", "list_zoo", "load_backbone"), "vprompt.backbones"),
+    **dict.fromkeys(("DataSplits", "build_splits", "build_transform"), "vprompt.data"),
+    **dict.fromkeys(("TrainConfig", "fit", "resume_run", "train_run"), "vprompt.engine"),
+    **dict.fromkeys(
+        (
+            "Method",
+            "MethodConfig",
+            "PromptedModel",
+            "attach",
+            "get_method_class",
+            "list_methods",
+            "make_config",
+            "register_method",
+        ),
+        "vprompt.methods",
+    ),
+    **dict.fromkeys(("TaskInfo", "load_task", "read_task_info", "save_task"), "vprompt.tasks"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vprompt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what static tools see
+    from vprompt.backbones import Backbone, DataConfig, list_zoo, load_backbone
+    from vprompt.data import DataSplits, build_splits, build_transform
+    from vprompt.engine import TrainConfig, fit, resume_run, train_run
+    from vprompt.methods import (
+        Method,
+        MethodConfig,
+        PromptedModel,
+        attach,
+        get_method_class,
+        list_methods,
+        make_config,
+        register_method,
+    )
+    from vprompt.tasks import TaskInfo, load_task, read_task_info, save_task
 
 __all__ = [
     "Backbone",

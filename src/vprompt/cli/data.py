@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from vprompt.data import DataSplits, build_splits
 from vprompt.errors import DataError
+
+if TYPE_CHECKING:
+    from vprompt.data import DataSplits
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -39,6 +41,8 @@ def inspect(
     merge_train_val: Annotated[bool, typer.Option(help="Train on train + val.")] = False,
 ) -> None:
     """Print split sizes and per-class counts, and write a PNG grid of sample images."""
+    from vprompt.data import build_splits
+
     console = Console()
     try:
         splits = build_splits(

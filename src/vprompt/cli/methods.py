@@ -12,8 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vprompt.methods import get_method_class, list_methods
-
 
 def type_text(annotation: Any) -> str:
     """An option's type for people: a ``Literal``'s values (``'cls' | 'avg'``), unions spelled
@@ -31,6 +29,8 @@ def type_text(annotation: Any) -> str:
 
 def method_options(name: str) -> list[dict[str, str]]:
     """Each option of a method's config: name, type (choices spelled out) and default."""
+    from vprompt.methods import get_method_class
+
     cfg_cls = get_method_class(name).config_class
     hints = typing.get_type_hints(cfg_cls)
     rows = []
@@ -51,6 +51,8 @@ def methods(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the tuning methods, their options and defaults."""
+    from vprompt.methods import get_method_class, list_methods
+
     names = [name] if name else list_methods()
     if as_json:
         typer.echo(json.dumps({n: method_options(n) for n in names}, indent=2))

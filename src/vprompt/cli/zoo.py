@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vprompt.backbones.cache import cache_dir
-from vprompt.backbones.zoo import ZooEntry, fetch_zoo, get_zoo_entry, list_zoo
+if TYPE_CHECKING:
+    from vprompt.backbones.zoo import ZooEntry
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -76,6 +77,9 @@ def zoo_table(entries: list[ZooEntry]) -> Table:
 @app.command("list")
 def list_cmd() -> None:
     """List every zoo entry: architecture, parameters, data, licence, package, state."""
+    from vprompt.backbones.cache import cache_dir
+    from vprompt.backbones.zoo import list_zoo
+
     entries = list_zoo()
     console.print(zoo_table(entries) if console.width >= _WIDE else zoo_cards(entries))
     for e in entries:
@@ -94,6 +98,8 @@ def fetch_cmd(
 ) -> None:
     """Convert one entry's packaged weights to timm format (once) and print the cache path."""
     # A VPromptError (unknown entry, package missing) propagates to vprompt.cli.main: one line.
+    from vprompt.backbones.zoo import fetch_zoo, get_zoo_entry
+
     entry = get_zoo_entry(name)
     if entry.is_cached() and not force:
         err_console.print(f"zoo:{name} is already cached (use --force to convert again).")
@@ -104,6 +110,8 @@ def fetch_cmd(
 
 
 def _fetch_with_progress(name: str, force: bool) -> Path:
+    from vprompt.backbones.zoo import fetch_zoo
+
     columns = (
         TextColumn("[bold]{task.fields[entry]}[/] {task.description}"),
         BarColumn(),
