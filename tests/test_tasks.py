@@ -89,6 +89,22 @@ def test_fingerprint_mismatch_is_refused_naming_both(tmp_path):
     assert other.fingerprint in str(e.value)
 
 
+def test_same_weights_with_other_preprocessing_are_refused(tmp_path):
+    """Same fingerprint, other normalisation (deit vs vit configs of one network): the task's
+    predictions would change, so it is refused rather than served differently."""
+    import dataclasses
+
+    bb = tiny_backbone()
+    trained("vpt-deep", bb).save_task(tmp_path)
+    other = dataclasses.replace(
+        bb, data_config=dataclasses.replace(bb.data_config, mean=(0.485, 0.456, 0.406))
+    )
+    assert other.fingerprint == bb.fingerprint
+    with pytest.raises(TaskError, match=r"other preprocessing.*mean"):
+        load_task(tmp_path, backbone=other)
+    load_task(tmp_path, backbone=bb)  # the same config loads
+
+
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         load_task(tmp_path / "nope", backbone=tiny_backbone())

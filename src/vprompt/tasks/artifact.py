@@ -191,6 +191,27 @@ def check_backbone(info: TaskInfo, backbone: Backbone, directory: str | os.PathL
             f"task {directory} was trained at {info.img_size} px but the backbone is set up for "
             f"{backbone.img_size} px; load the backbone with img_size={info.img_size}"
         )
+    differ = _preprocessing_differences(info.data_config, backbone.data_config)
+    if differ:
+        raise TaskError(
+            f"task {directory} was trained with other preprocessing than the given backbone "
+            f"'{backbone.spec}' applies ({'; '.join(differ)}): its predictions would not be the "
+            "trained task's; load the backbone the task names (same weights alone are not enough)"
+        )
+
+
+def _preprocessing_differences(task: DataConfig, given: DataConfig) -> list[str]:
+    """What a task's stored preprocessing and a backbone's disagree on (size is checked apart)."""
+    out = []
+    for name in ("mean", "std"):
+        a, b = getattr(task, name), getattr(given, name)
+        if len(a) != len(b) or any(abs(x - y) > 1e-6 for x, y in zip(a, b, strict=False)):
+            out.append(f"{name} {list(a)} vs {list(b)}")
+    if task.interpolation != given.interpolation:
+        out.append(f"interpolation {task.interpolation} vs {given.interpolation}")
+    if abs(task.crop_pct - given.crop_pct) > 1e-6:
+        out.append(f"crop_pct {task.crop_pct} vs {given.crop_pct}")
+    return out
 
 
 def task_size_bytes(directory: str | os.PathLike) -> int:
