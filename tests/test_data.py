@@ -472,6 +472,20 @@ def test_sixteen_bit_is_rescaled_not_clipped() -> None:
     assert to_rgb(img).getpixel((0, 0)) == (128, 128, 128)
 
 
+@pytest.mark.parametrize(
+    ("array", "grey"),
+    [
+        (np.full((2, 2), 200, dtype=np.uint16), 1),  # a dark 16-bit image stays dark
+        (np.full((2, 2), 256, dtype=np.uint16), 1),
+        (np.full((2, 2), 65535, dtype=np.uint16), 255),
+        (np.full((2, 2), 257 * 100, dtype=np.int32), 100),  # mode I: 16-bit TIFF data
+        (np.full((2, 2), 0.8, dtype=np.float32), 204),  # mode F: 0..1
+    ],
+)
+def test_deep_grey_scales_by_mode_not_by_brightness(array: np.ndarray, grey: int) -> None:
+    assert to_rgb(Image.fromarray(array)).getpixel((0, 0)) == (grey, grey, grey)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

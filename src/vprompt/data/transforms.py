@@ -31,15 +31,16 @@ _INTERPOLATIONS: dict[str, InterpolationMode] = {
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 3-channel RGB ('L', 'P', 'RGBA', 'CMYK', 16-bit 'I;16' ...).
 
-    Alpha is dropped (as torchvision's and timm's loaders do); 16-bit and 32-bit grayscale is
-    rescaled to 8 bits instead of being clipped.
+    Alpha is dropped (as torchvision's and timm's loaders do). Grayscale beyond 8 bits is
+    rescaled by its mode, never by its pixel values (so a dark and a bright image of the same
+    kind scale alike): integer modes (``I;16*``, ``I``: 16-bit PNG and TIFF data) map 0..65535
+    to 0..255, float ``F`` maps 0..1 to 0..255; values outside are clipped.
     """
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        if arr.size and arr.max() > 255:
-            arr = arr / 257.0  # 16-bit range -> 8-bit
+        arr = arr * 255.0 if img.mode == "F" else arr / 257.0
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # avoids PIL's palette-transparency warning
