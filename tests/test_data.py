@@ -236,6 +236,35 @@ def test_csv_with_split_column_and_names(tmp_path: Path) -> None:
     assert splits.class_counts()["train"] == [2, 2]
 
 
+def test_symlinks_csv_and_sub_folders(tmp_path: Path) -> None:
+    """A linked CSV names images beside the link; linked sub-folders of a class are read (a
+    link cycle ends)."""
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    rows = ["path,label"] + [f"images/{c}{i}.png,{c}" for c in ("a", "b") for i in range(3)]
+    (ann / "labels.csv").write_text("\n".join(rows) + "\n")
+    ds = tmp_path / "ds"
+    for c in ("a", "b"):
+        for i in range(3):
+            write_image(ds / "images" / f"{c}{i}.png", seed=i)
+    (ds / "labels.csv").symlink_to(ann / "labels.csv")
+    splits = build_splits(f"csv:{ds / 'labels.csv'}?val=0&test=0")
+    assert len(splits.train) == 6
+
+    class_tree(tmp_path / "tree", {"cat": 2, "dog": 1})
+    class_tree(tmp_path / "extra", {"more": 2})
+    (tmp_path / "tree" / "dog" / "more").symlink_to(tmp_path / "extra" / "more")
+    (tmp_path / "tree" / "dog" / "loop").symlink_to(tmp_path / "tree" / "dog")
+    splits = build_splits(f"folder:{tmp_path / 'tree'}?val=0&test=0")
+    assert splits.class_counts()["train"] == [2, 3]  # cat, dog (1 + 2 linked)
+
+
+def test_class_named_train_in_one_class_tree(tmp_path: Path) -> None:
+    class_tree(tmp_path, {"bus": 3, "train": 3})  # a class folder called train (CIFAR-100 has one)
+    splits = build_splits(f"folder:{tmp_path}?val=0&test=0")
+    assert splits.class_names == ["bus", "train"] and len(splits.train) == 6
+
+
 def test_csv_without_split_column_int_labels(tmp_path: Path) -> None:
     rows = ["Path , Label"]
     for i in range(20):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -74,7 +75,8 @@ def parse_data_spec(spec: str) -> DataSpec:
             )
         allowed = _OPTIONS[f"builtin:{target}"]
     else:
-        target = str(Path(target).expanduser().resolve())
+        # absolute, symlinks kept: a linked CSV or list file names images beside the link
+        target = os.path.abspath(Path(target).expanduser())
         allowed = _OPTIONS[kind]
     fractions = _parse_fractions(spec, query, allowed)
     return DataSpec(kind=kind, target=target, fractions=fractions, text=text)  # type: ignore[arg-type]

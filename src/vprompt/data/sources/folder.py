@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vprompt.data.records import FILE_LOADER, IMAGE_EXTENSIONS, ImageRecords
@@ -28,6 +29,8 @@ def load_folder(spec: DataSpec) -> SourceSplits:
     root = spec.path
     require_dir(root, "Dataset folder")
     present = {s: root / s for s in SPLIT_DIRS if (root / s).is_dir()}
+    if "train" in present and not _has_subfolders(present["train"]):
+        present = {}  # train/ holds images itself: a class named "train" in one class tree
     if not present:
         class_names, train = read_class_tree(root, None)
         return SourceSplits(class_names, train, layout=f"one class tree at {root}")
@@ -74,12 +77,25 @@ def read_class_tree(root: Path, class_names: list[str] | None) -> tuple[list[str
     return names, ImageRecords.from_pairs(pairs, FILE_LOADER, origin=str(root))
 
 
+def _has_subfolders(folder: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted, hidden files skipped)."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Image files under ``folder`` (recursive, sorted, hidden files and folders skipped).
+
+    Symlinked sub-folders are followed (each real folder once, so a link cycle ends)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            p = Path(current) / name
+            if not name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                found.append(p)
+    return sorted(found)
