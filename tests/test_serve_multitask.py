@@ -396,6 +396,26 @@ def test_percentile():
     assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
 
 
+def test_metrics_count_a_client_that_went_away_apart_from_server_errors():
+    import asyncio
+
+    from vprompt.serve.app import CLIENT_CLOSED, MetricsMiddleware
+    from vprompt.serve.metrics import Metrics
+
+    async def gone(scope, receive, send):  # returns without a response: the client left
+        return
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("bug")
+
+    metrics = Metrics()
+    scope = {"type": "http", "method": "POST", "path": "/v1/tasks/a/predict"}
+    asyncio.run(MetricsMiddleware(gone, metrics)(scope, None, None))
+    with pytest.raises(RuntimeError):
+        asyncio.run(MetricsMiddleware(broken, metrics)(scope, None, None))
+    assert dict(metrics.by_status) == {CLIENT_CLOSED: 1, 500: 1}
+
+
 # ---------------------------------------------------------------------------------- images
 def png_bytes(size=(40, 30), mode="RGB") -> bytes:
     buf = io.BytesIO()
@@ -422,6 +442,7 @@ def test_decode_base64():
     text = base64.b64encode(data).decode()
     assert decode_base64(text) == data
     assert decode_base64("data:image/png;base64," + text) == data
+    assert decode_base64(base64.encodebytes(data).decode()) == data  # line-wrapped
     with pytest.raises(ImageDecodeError, match="base64"):
         decode_base64("not base64!")
     with pytest.raises(ImageDecodeError, match="string"):

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
@@ -207,6 +209,10 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+CLIENT_CLOSED = 499
+"""Status counted when a client disconnects before any response (nginx's convention)."""
+
+
 class MetricsMiddleware:
     """Count every response by status; time successful predict requests."""
 
@@ -219,7 +225,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status = CLIENT_CLOSED  # no response started and no error: the client went away
 
         async def send_status(message: dict) -> None:
             nonlocal status
@@ -229,6 +235,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            if status == CLIENT_CLOSED:
+                status = 500
+            raise
         finally:
             timed = scope["method"] == "POST" and scope["path"].endswith("/predict")
             latency = time.perf_counter() - start if timed and status < 400 else None
@@ -236,13 +246,17 @@ class MetricsMiddleware:
 
 
 # ---------------------------------------------------------------------------------- bodies
-def _top_k(value: Any) -> int | None:
+def _top_k(value: Any, text: bool = True) -> int | None:
+    """``top_k`` from a query or form string (``text``), or a JSON integer (not 2.7, true or
+    "3")."""
     if value is None:
         return None
-    try:
+    if text and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         k = int(value)
-    except (TypeError, ValueError):
-        raise BadRequest(400, f"top_k must be an integer, got {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        k = value
+    else:
+        raise BadRequest(400, f"top_k must be an integer, got {value!r}")
     if k < 1:
         raise BadRequest(400, f"top_k must be >= 1, got {k}")
     return k
@@ -289,7 +303,7 @@ async def _json_images(
             blobs.append((f"image {i}", decode_base64(text)))
         except ImageDecodeError as e:
             raise BadRequest(400, f"image {i}: {e}") from None
-    return blobs, _top_k(body.get("top_k"))
+    return blobs, _top_k(body.get("top_k"), text=False)
 
 
 async def read_images(
@@ -331,6 +345,16 @@ def _error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(BadRequest, bad_request)
 
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        reasons = [
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg', '')}"
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": "; ".join(reasons) or "invalid request"}, status_code=400)
+
+    app.add_exception_handler(RequestValidationError, invalid)
+
 
 def create_app(
     model: MultiTaskModel,
@@ -350,6 +374,7 @@ def create_app(
         model, settings.max_batch, settings.max_wait_ms, settings.max_queue, metrics
     )
     refused = dict(refused or {})
+    decoding = asyncio.Semaphore(max(1, os.cpu_count() or 1))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -395,7 +420,8 @@ def create_app(
     @app.post("/v1/tasks", response_model=TaskOut, status_code=201, responses={400: {}, 409: {}})
     async def add_task(body: AddTask) -> dict[str, Any]:
         """Load a task directory at run time (400: corrupt; 409: name taken or other backbone)."""
-        entry = await asyncio.to_thread(model.add_task, body.name, body.path)
+        path = os.path.abspath(os.path.expanduser(body.path))  # listed as an absolute path
+        entry = await asyncio.to_thread(model.add_task, body.name, path)
         refused.pop(body.name, None)
         return entry.describe()
 
@@ -414,13 +440,18 @@ def create_app(
     async def predict(
         name: str,
         request: Request,
-        top_k: int | None = Query(None, ge=1, description="labels per image [5]"),
+        top_k: str | None = Query(None, description="labels per image (an integer >= 1) [5]"),
     ) -> dict[str, Any]:
         """Top-k labels and probabilities for each image, with task ``name``."""
         entry = model.get(name)
+        query_top_k = _top_k(top_k)
         blobs, body_top_k = await read_images(request, settings.max_images)
-        images = await asyncio.to_thread(decode_images, blobs, model.transform, model.max_pixels)
-        k = top_k or body_top_k or settings.default_top_k
+        batcher.check_room(len(blobs))  # an overloaded server refuses before decoding
+        async with decoding:  # at most one decode per core: a burst of large images queues
+            images = await asyncio.to_thread(
+                decode_images, blobs, model.transform, model.max_pixels
+            )
+        k = query_top_k or body_top_k or settings.default_top_k
         return {"task": name, "predictions": await batcher.submit(images, entry, k)}
 
     @app.get("/metrics")

@@ -88,6 +88,16 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    def check_room(self, n: int) -> None:
+        """Raise `QueueFullError` if ``n`` more images would overfill the queue."""
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        if self._queue.qsize() + n > self.max_queue:
+            raise QueueFullError(
+                f"{self._queue.qsize()} images are already waiting (limit {self.max_queue}); "
+                "retry later"
+            )
+
     async def submit(
         self, images: Sequence[torch.Tensor], entry: TaskEntry, top_k: int = 5
     ) -> list[dict[str, Any]]:
@@ -96,13 +106,7 @@ class MicroBatcher:
         Raises:
             QueueFullError: the queue is full (the server is overloaded).
         """
-        if self._queue is None:
-            raise RuntimeError("MicroBatcher.start() was not called")
-        if self._queue.qsize() + len(images) > self.max_queue:
-            raise QueueFullError(
-                f"{self._queue.qsize()} images are already waiting (limit {self.max_queue}); "
-                "retry later"
-            )
+        self.check_room(len(images))
         loop = asyncio.get_running_loop()
         items = [_Item(img, entry, top_k, loop.create_future()) for img in images]
         for item in items:

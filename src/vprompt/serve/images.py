@@ -78,6 +78,7 @@ def decode_base64(text: str) -> bytes:
         raise ImageDecodeError(f"expected a base64 string, got {type(text).__name__}")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
+    text = "".join(text.split())  # line breaks, as `base64` prints without -w0
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
