@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,58 @@ def test_final_seeds_vary_the_seed_only_and_data_seed_names_the_study(tmp_path: 
 
 
 # ------------------------------------------------------------------------- resume
+
+
+def test_sweeps_with_other_options_in_one_out_never_share_trial_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """A paused trial of one study is not another study's trial 0 (same number, same point)."""
+    kw = {"lrs": "0.1,0.5,1,2.5", "wds": "0", "seeds": 1}
+    with pytest.raises(Killed):
+        sweep(tmp_path, ScriptedRunner(kill_after=2), search="halving", **kw)
+    assert any((tmp_path / "out" / "trials").rglob("epochs.json"))  # paused checkpoints left
+    other = ScriptedRunner()
+    sweep(tmp_path, other, search="grid", **kw)
+    assert all(start == 0 for _, _, start, _ in other.executions)  # each trained from scratch
+
+
+def test_every_trial_diverged_still_writes_the_trial_reports(tmp_path: Path) -> None:
+    runner = ScriptedRunner(diverge_lr=0.5)
+    with pytest.raises(ConfigError, match=r"all diverged.*trials\.md"):
+        sweep(tmp_path, runner, lrs="0.5", wds="0,0.001", seeds=1)
+    rows = json.loads((tmp_path / "out" / "trials.json").read_text())
+    assert [r["outcome"] for r in rows] == ["diverged", "diverged"]
+    assert (tmp_path / "out" / "grid.png").is_file()
+    assert not (tmp_path / "out" / ".sweep-driver.json").exists()  # released on the way out
+
+
+def test_search_log_says_what_runs_and_how_far_it_is(tmp_path: Path) -> None:
+    lines: list[str] = []
+    spec = SweepSpec(dict(BASE), lrs="0.1,0.5", wds="0,0.001", seeds=1)
+    run_sweep(spec, tmp_path / "out", runner=ScriptedRunner(), log=lines.append)
+    assert lines[0].startswith("search (grid): 4 trial(s) of up to")
+    units = [line for line in lines if line.startswith("[")]
+    assert [u.split("]")[0] for u in units][-1] == "[4/4"
+    assert all(", eta " in u for u in units[:-1]) and len(units) == 4
+
+
+def test_one_sweep_at_a_time_per_out(tmp_path: Path) -> None:
+    import subprocess
+
+    from vprompt.sweep.protocol import DRIVER_FILE
+
+    (tmp_path / "out").mkdir()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "out" / DRIVER_FILE).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": sleeper.pid})
+        )
+        with pytest.raises(ConfigError, match=f"pid {sleeper.pid}.*another --out"):
+            sweep(tmp_path, ScriptedRunner(), lrs="0.5", wds="0", seeds=1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    sweep(tmp_path, ScriptedRunner(), lrs="0.5", wds="0", seeds=1)  # a dead driver is no claim
 
 
 @pytest.mark.parametrize("search", ["grid", "halving"])
@@ -694,6 +747,7 @@ def test_schedule_bound_finds_the_best_halving_schedule_within_budget() -> None:
         ({"img_size": 48}, False),
         ({"lr_scaling": "none"}, False),
         ({"method_options": {"prompt_len": 3}}, False),
+        ({"method_options": {}}, False),  # prompt_len at its default (10), not the stored 2
         ({"seed": 1}, False),
     ],
 )

@@ -10,20 +10,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vprompt.errors import ConfigError
 from vprompt.sweep.backends import Backend, LocalBackend
 from vprompt.sweep.grids import GridPoint, choose
 from vprompt.sweep.runner import EngineRunner, FinalRun, TrialRunner
 from vprompt.sweep.search import Searcher
 from vprompt.sweep.spec import SweepSpec, check_validation_epochs
-from vprompt.sweep.study import SweepStudy, TrialView, default_storage
+from vprompt.sweep.study import SweepStudy, TrialView, default_storage, process_alive
 
 TIE_RULE = "highest last-epoch val top-1; ties go to the smaller lr, then the smaller wd"
 
@@ -66,7 +71,7 @@ class SweepResult:
     out: Path
     epochs: int
     trials: list[TrialView]
-    choice: GridPoint
+    choice: GridPoint | None  # None only in the trial reports of a sweep with nothing to choose
     choice_val: float
     finals: list[FinalRun]
     storage: str
@@ -187,7 +192,7 @@ def run_sweep(
         The `SweepResult`; also in ``out/summary.json``.
     """
     from vprompt.engine import resolve_config
-    from vprompt.sweep.report import write_reports
+    from vprompt.sweep.report import write_reports, write_search_reports
 
     start = time.perf_counter()
     out = Path(out)
@@ -200,17 +205,30 @@ def run_sweep(
     check_validation_epochs(spec, epochs, int(resolved.get("eval_every") or 1))
     storage = storage or default_storage(out)
     name = study_name or spec.study_name(resolved)
-    study = SweepStudy(storage, name, spec.key_doc(resolved))
-    try:
-        views = Searcher(spec, study, epochs, out, backend, runner, log).run()
-        choice, val = choose_point(views)
-        log(
-            f"chose {choice.label()} (val {100 * val:.2f}%)"
-            + (f"; final runs on train + val with seeds {spec.final_seeds}" if spec.seeds else "")
-        )
-        finals = run_finals(spec, choice, out, backend, runner, log)
-    finally:
-        study.release()
+    with claim_out(out):
+        study = SweepStudy(storage, name, spec.key_doc(resolved))
+        try:
+            views = Searcher(spec, study, epochs, out, backend, runner, log).run()
+            try:
+                choice, val = choose_point(views)
+            except ConfigError:  # nothing to choose: still show which trial failed, and when
+                partial = SweepResult(
+                    spec, out, epochs, [views[p] for p in spec.points if p in views],
+                    None, math.nan, [], storage, name, time.perf_counter() - start,
+                )  # fmt: skip
+                write_search_reports(partial)
+                raise
+            log(
+                f"chose {choice.label()} (val {100 * val:.2f}%)"
+                + (
+                    f"; final runs on train + val with seeds {spec.final_seeds}"
+                    if spec.seeds
+                    else ""
+                )
+            )
+            finals = run_finals(spec, choice, out, backend, runner, log)
+        finally:
+            study.release()
     result = SweepResult(
         spec,
         out,
@@ -227,10 +245,57 @@ def run_sweep(
     return result
 
 
+DRIVER_FILE = ".sweep-driver.json"
+
+
+@contextlib.contextmanager
+def claim_out(out: Path) -> Iterator[None]:
+    """One sweep at a time per ``--out`` (on this host): sweeps with other options keep their
+    own studies and trial checkpoints, but their final runs share ``OUT/final``.
+
+    Raises:
+        ConfigError: another live sweep process holds ``out``.
+    """
+    path = out / DRIVER_FILE
+    host, pid = socket.gethostname(), os.getpid()
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError):
+        other = {}
+    if (
+        isinstance(other, dict)
+        and other.get("host") == host
+        and other.get("pid") not in (None, pid)
+        and process_alive(int(other["pid"]))
+    ):
+        raise ConfigError(
+            f"another vprompt sweep (pid {other['pid']}) is writing into {out}; wait for it, "
+            "stop it, or give this sweep another --out"
+        )
+    path.write_text(json.dumps({"host": host, "pid": pid}))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def choose_point(views: dict[GridPoint, TrialView]) -> tuple[GridPoint, float]:
     """The chosen point among complete trials and its last-epoch val top-1."""
     scores = {p: v.last_val for p, v in views.items() if v.outcome == "complete"}
-    point = choose(scores)
+    try:
+        point = choose(scores)
+    except ConfigError as e:
+        pruned = [v for v in views.values() if v.outcome == "pruned" and math.isfinite(v.last_val)]
+        hint = (
+            f"; successive halving had pruned {len(pruned)} healthy trial(s) before the last "
+            "survivors diverged: --search grid trains every point to the end"
+            if pruned
+            else ""
+        )
+        raise ConfigError(
+            f"{e}{hint}; trials.md and grid.png in the output folder show each trial's outcome"
+        ) from None
     return point, scores[point]
 
 

@@ -155,9 +155,16 @@ def _annotate(
 
 def write_reports(result: SweepResult) -> None:
     """Write every output file into ``result.out``."""
+    write_search_reports(result)
+    out = result.out
+    (out / SUMMARY_JSON).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    (out / SUMMARY_MD).write_text(summary_markdown(result))
+
+
+def write_search_reports(result: SweepResult) -> None:
+    """The trial table and the heat-map alone (``result.choice`` may be None: nothing chosen,
+    when every trial diverged, and these show where and when)."""
     out = result.out
     (out / TRIALS_MD).write_text(trials_markdown(result))
     (out / TRIALS_JSON).write_text(json.dumps(trial_rows(result), indent=2) + "\n")
-    (out / SUMMARY_JSON).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    (out / SUMMARY_MD).write_text(summary_markdown(result))
     plot_heatmap(result, out / HEATMAP)

@@ -15,6 +15,7 @@ scripted runners.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, VPromptError
 
 RESULT_FILE = "summary.json"
 
@@ -239,9 +240,19 @@ def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
         return False
     # as config.yaml stores them (tuples become lists)
     wanted = yaml.safe_load(yaml.safe_dump(wanted))
-    # config.yaml holds every method option (defaults filled in): the wanted ones must agree.
-    options = have.get("method_options") or {}
-    same_options = all(options.get(k) == v for k, v in (wanted.get("method_options") or {}).items())
+    # config.yaml holds every method option (defaults filled in): compare all of them, the
+    # wanted ones with their defaults filled in too (an option left at its default must not
+    # match a run that set it)
+    from vprompt.methods.registry import make_config
+
+    def filled(config: dict[str, Any]) -> Any:
+        options = make_config(config["method"], **(config.get("method_options") or {}))
+        return yaml.safe_load(yaml.safe_dump(options.to_dict()))
+
+    try:
+        same_options = have.get("method") == wanted.get("method") and filled(have) == filled(wanted)
+    except (VPromptError, KeyError, TypeError):
+        return False
     have = {**ADDED_OPTIONS, **have}  # written before an option existed: its default
     compared = set(wanted) - NO_EFFECT - {"method_options"}
     return same_options and all(k in have and have[k] == wanted[k] for k in compared)
@@ -267,6 +278,9 @@ def _config_value(run_dir: Path, key: str) -> Any:
 
 
 def remove_checkpoint(trial_dir: Path) -> None:
-    """Delete a finished trial's checkpoint (the records stay in the study)."""
+    """Delete a finished trial's checkpoint (the records stay in the study), and its study's
+    folder once that is empty."""
     if trial_dir.is_dir():
         shutil.rmtree(trial_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty (other trials paused) or already gone
+        trial_dir.parent.rmdir()

@@ -8,6 +8,7 @@ every rung, so a resumed search makes exactly the decisions an uninterrupted one
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,32 @@ class AdvanceJob:
         return self.runner.advance(item.values, item.target, Path(item.trial_dir))
 
 
-def trial_dir(out: Path, view: TrialView) -> Path:
-    """``OUT/trials/NNN-lrX-wdY``: the trial's checkpoint while it is paused or running."""
-    return out / "trials" / f"{view.number:03d}-lr{view.point.lr:g}-wd{view.point.wd:g}"
+def trial_dir(out: Path, study: str, view: TrialView) -> Path:
+    """``OUT/trials/STUDY/NNN-lrX-wdY``: the trial's checkpoint while it is paused or running
+    (per study: sweeps with other options in the same ``--out`` never share one)."""
+    name = f"{view.number:03d}-lr{view.point.lr:g}-wd{view.point.wd:g}"
+    return out / "trials" / study / name
+
+
+class _Pace:
+    """``[3/8, eta 4m10s] `` prefixes for the result lines of one batch of units."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def tick(self) -> str:
+        self.done += 1
+        left = self.total - self.done
+        if left == 0:
+            return f"[{self.done}/{self.total}] "
+        eta = (time.perf_counter() - self.start) / self.done * left
+        return f"[{self.done}/{self.total}, eta {_duration(eta)}] "
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @dataclass
@@ -58,11 +82,16 @@ class Searcher:
     backend: Backend
     runner: TrialRunner
     log: Callable[[str], None]
+    _pace: _Pace | None = None
 
     def run(self) -> dict[GridPoint, TrialView]:
         """Search until every point is finished; return every point's trial."""
         points = self.spec.points
         self.study.ensure_trials(points)
+        self.log(
+            f"search ({self.spec.search}): {len(points)} trial(s) of up to {self.epochs} "
+            f"epoch(s), study {self.study.name}; a line per finished unit, with an ETA"
+        )
         done = sum(v.finished for v in self.views().values())
         if done:
             self.log(f"resuming: {done} of {len(points)} trials already finished")
@@ -98,7 +127,7 @@ class Searcher:
                 self.study.prune(
                     views[p].number, f"not in the best {len(keep)} of {len(entrants)} at epoch {r}"
                 )
-                remove_checkpoint(trial_dir(self.out, views[p]))
+                remove_checkpoint(trial_dir(self.out, self.study.name, views[p]))
         self.log(f"  kept {', '.join(p.label() for p in keep) or 'none'}")
         return keep
 
@@ -115,16 +144,18 @@ class Searcher:
                 v.point,
                 self.spec.search_values(v.point),
                 target,
-                str(trial_dir(self.out, v)),
+                str(trial_dir(self.out, self.study.name, v)),
             )
             for v in sorted(todo, key=lambda v: v.number)
             if v.epochs < target
         ]
+        self._pace = _Pace(len(items))
         self.backend.map(AdvanceJob(self.runner), items, self.on_progress)
 
     def on_progress(self, item: AdvanceItem, progress: TrialProgress) -> None:
         """Record a unit's epochs in the study; finish the trial if it is done."""
         self.study.record(item.number, progress)
+        pace = self._pace.tick() if self._pace is not None else ""
         if progress.diverged:
             self.study.prune(
                 item.number,
@@ -133,7 +164,7 @@ class Searcher:
             )
             remove_checkpoint(Path(item.trial_dir))
             self.log(
-                f"trial {item.number} {item.point.label()}: diverged after "
+                f"{pace}trial {item.number} {item.point.label()}: diverged after "
                 f"{progress.epochs} epoch(s)"
             )
             return
@@ -144,7 +175,7 @@ class Searcher:
             )
         self.settle(item.number, item.point, item.target)
         self.log(
-            f"trial {item.number} {item.point.label()}: epoch {progress.epochs}/"
+            f"{pace}trial {item.number} {item.point.label()}: epoch {progress.epochs}/"
             f"{self.epochs} val {100 * progress.val[item.target - 1]:.2f}% "
             f"({progress.seconds:.1f}s)"
         )
@@ -155,4 +186,4 @@ class Searcher:
             return
         self.study.complete(number)
         view = self.views()[point]
-        remove_checkpoint(trial_dir(self.out, view))
+        remove_checkpoint(trial_dir(self.out, self.study.name, view))

@@ -151,7 +151,7 @@ class SweepStudy:
         if (
             other.get("host") == host
             and other.get("pid") not in (None, pid)
-            and _alive(other["pid"])
+            and process_alive(other["pid"])
         ):
             raise ConfigError(
                 f"another vprompt sweep (pid {other['pid']}) is running study {self.name!r}; "
@@ -240,7 +240,7 @@ class SweepStudy:
         return self._optuna.trial.Trial(self.study, self._frozen(number)._trial_id)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
