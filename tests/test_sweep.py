@@ -212,6 +212,10 @@ def test_final_seeds_vary_the_seed_only_and_data_seed_names_the_study(tmp_path: 
 
     assert name(data_seed=1) != name(data_seed=0) != name(seed=1)  # they change results
     assert name(data_seed=0) == name() == name(workers=2, eval_batch_size=64)
+    halving = SweepSpec(dict(BASE), search="halving", lrs="0.5,0.1", wds="0,0.01")
+    same = SweepSpec(dict(BASE), search="halving", lrs="0.1,0.5", wds="0.01,0")
+    r = resolve_config(spec.search_values(point)).to_dict()
+    assert halving.study_name(r) == same.study_name(r)  # the grid as a set, not as typed
     # an option added later keys a study only when set: studies stored before it still match
     assert name(head_wd=None) == name() != name(head_wd=0.01)
     with pytest.raises(ConfigError, match="sets"):
@@ -240,6 +244,8 @@ def test_every_trial_diverged_still_writes_the_trial_reports(tmp_path: Path) -> 
         sweep(tmp_path, runner, lrs="0.5", wds="0,0.001", seeds=1)
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert [r["outcome"] for r in rows] == ["diverged", "diverged"]
+    assert [r["epochs"] for r in rows] == [1, 1]  # one good epoch recorded, then NaN in the next
+    assert "diverged in epoch 2" in (tmp_path / "out" / "trials.md").read_text()
     assert (tmp_path / "out" / "grid.png").is_file()
     assert not (tmp_path / "out" / ".sweep-driver.json").exists()  # released on the way out
 

@@ -44,6 +44,8 @@ def trial_rows(result: SweepResult) -> list[dict[str, Any]]:
 def _status(t: TrialView, epochs: int) -> str:
     if t.outcome == "complete":
         return "complete"
+    if t.outcome == "diverged":  # during the epoch after its last recorded one
+        return f"diverged in epoch {t.epochs + 1}" if t.epochs < epochs else "diverged"
     return f"{t.outcome} at epoch {t.epochs}" if t.epochs < epochs else t.outcome
 
 
@@ -135,10 +137,9 @@ def _annotate(
 
     if t is None:
         return
+    when = t.epochs + 1 if t.outcome == "diverged" else t.epochs  # diverged during the next
     text = (
-        pct(t.last_val)
-        if t.outcome == "complete"
-        else (f"{pct(t.last_val)}\n{t.outcome[:5]}@{t.epochs}")
+        pct(t.last_val) if t.outcome == "complete" else f"{pct(t.last_val)}\n{t.outcome[:5]}@{when}"
     )
     ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
     if t.outcome != "complete":

@@ -85,9 +85,8 @@ class SweepSpec:
         defaults = default_grid(str(self.values.get("method", "")))
         self.lrs = parse_values(self.lrs, "lr") or defaults.lrs
         self.wds = parse_values(self.wds, "wd") or defaults.wds
-        self.grid_source = (
-            defaults.source if (self.lrs, self.wds) == (defaults.lrs, defaults.wds) else "user grid"
-        )
+        same = (sorted(self.lrs), sorted(self.wds)) == (sorted(defaults.lrs), sorted(defaults.wds))
+        self.grid_source = defaults.source if same else "user grid"
 
     @property
     def points(self) -> list[GridPoint]:
@@ -141,7 +140,9 @@ class SweepSpec:
         }
         doc: dict[str, Any] = {"train": train, "search": self.search}
         if self.search == "halving":
-            doc.update(eta=self.eta, min_epochs=self.min_epochs, lrs=self.lrs, wds=self.wds)
+            # the grid as a set: the same values typed in another order are the same study
+            lrs, wds = sorted(self.lrs or ()), sorted(self.wds or ())
+            doc.update(eta=self.eta, min_epochs=self.min_epochs, lrs=lrs, wds=wds)
         return doc
 
     def study_name(self, resolved: dict[str, Any]) -> str:
