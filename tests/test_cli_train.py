@@ -56,6 +56,13 @@ def train_args(backbone: str, data: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def train_linear(backbone: str, data: str, run: Path) -> Path:
+    """A one-epoch linear-probe run (the cheapest real run directory)."""
+    args = train_args(backbone, data, run, "--method", "linear", "--epochs", "1", "--quiet")
+    assert invoke(*args).exit_code == 0
+    return run
+
+
 def test_train_eval_predict(
     tiny_vit_spec: str, tiny_data_spec: str, tiny_image_folder: Path, tmp_path: Path
 ) -> None:
@@ -330,15 +337,7 @@ def test_resume_after_sigkill_matches_uninterrupted(
 def test_resume_refuses_changed_options(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    assert (
-        invoke(
-            *train_args(
-                tiny_vit_spec, tiny_data_spec, run, "--method", "linear", "--epochs", "1", "--quiet"
-            )
-        ).exit_code
-        == 0
-    )
+    run = train_linear(tiny_vit_spec, tiny_data_spec, tmp_path / "run")
     for flag, value in [("--lr", "0.5"), ("--data-seed", "3"), ("--no-test", None)]:
         r = invoke("train", "--resume", run, flag, *([value] if value else []))
         assert r.exit_code == 2 and "cannot change" in r.stderr, (flag, r.stderr)
@@ -456,15 +455,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(
 def test_eval_and_predict_refuse_bad_numbers_and_empty_inputs(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    assert (
-        invoke(
-            *train_args(
-                tiny_vit_spec, tiny_data_spec, run, "--method", "linear", "--epochs", "1", "-q"
-            )
-        ).exit_code
-        == 0
-    )
+    run = train_linear(tiny_vit_spec, tiny_data_spec, tmp_path / "run")
     task = run / "task"
     for argv in (
         ["eval", task, "--data", tiny_data_spec, "--batch-size", "0"],
