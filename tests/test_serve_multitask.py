@@ -290,6 +290,20 @@ def test_load_multitask_without_backbone_or_readable_task(tmp_path):
     assert len(model) == 0 and "x" in refused
 
 
+def test_server_without_tasks_warns(monkeypatch, caplog):
+    """It still starts (tasks can be added at run time) but says predictions will be 404."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from vprompt.serve import run_server
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    model, _ = load_multitask({}, backbone=TINY_VIT)
+    with caplog.at_level(logging.WARNING, logger="vprompt.serve"):
+        run_server(model, host="127.0.0.1", port=0)
+    assert "no task loaded (none given)" in caplog.text and "POST /v1/tasks" in caplog.text
+
+
 def test_names_are_checked_and_unique(task_dirs):
     model = MultiTaskModel(backbone())
     model.add_task("a", task_dirs["linear"])

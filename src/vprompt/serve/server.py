@@ -112,6 +112,12 @@ def run_server(
             "tasks from directories this process can read",
             host,
         )
+    if len(model) == 0:
+        log.warning(
+            "no task loaded (%s): the server answers 404 to every predict until one is added "
+            "with POST /v1/tasks",
+            "all refused, see above" if refused else "none given",
+        )
     app = create_app(model, settings, dict(refused or {}))
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
