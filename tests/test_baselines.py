@@ -331,3 +331,21 @@ def test_methods_that_copy_the_backbone_do_not_keep_the_original(name):
     with torch.no_grad():  # training the copy must not change what the task is defined against
         next(model.backbone.parameters()).add_(1.0)
     assert model.backbone_info.fingerprint == fingerprint
+
+
+def test_grad_checkpointing_touches_only_a_backbone_the_task_owns():
+    """A frozen shared backbone keeps its flag (a Pro-tuning task on it refuses checkpointing);
+    full fine-tuning checkpoints its own copy, with the same gradients."""
+    shared = make_backbone("vit")
+    attach(shared, "linear", num_classes=NUM_CLASSES).set_grad_checkpointing(True)
+    assert not shared.grad_checkpointing
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)  # the same head
+        model = attach(make_backbone("vit"), "full", num_classes=NUM_CLASSES)
+        model.set_grad_checkpointing(on)
+        assert model.backbone.grad_checkpointing is on
+        model.train()
+        model(images("vit")).square().sum().backward()
+        grads.append(model.backbone.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

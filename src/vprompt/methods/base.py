@@ -402,8 +402,11 @@ class PromptedModel(nn.Module):
         return names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward. Prompt methods checkpoint their own block loop;
+        timm's flag is set only on a backbone this task owns (full, bitfit, partial copy it): a
+        shared frozen backbone stays as it is for the other tasks on it."""
         self.method.set_grad_checkpointing(enable)
-        if hasattr(self.backbone, "set_grad_checkpointing"):
+        if self.method.trains_backbone and hasattr(self.backbone, "set_grad_checkpointing"):
             self.backbone.set_grad_checkpointing(enable)
 
     def train(self, mode: bool = True) -> PromptedModel:
