@@ -232,7 +232,7 @@ def kmeans_quality(setup: Setup, rows: list[dict[str, Any]], saved: Path) -> Non
     pools = [pool[:, s:].reshape(-1, pool.shape[-1]) for pool in all_tokens_pools(model, batches)]
 
     def total_inertia(name: str) -> float:
-        centres = torch.load(saved / f"{name}.pt")  # (L, P, D)
+        centres = torch.load(saved / f"{name}.pt", weights_only=True)  # (L, P, D)
         return sum(
             float(spt.sq_distances(x, c).min(1).values.sum())
             for x, c in zip(pools, centres, strict=True)
