@@ -180,6 +180,30 @@ def test_head_weight_decay_is_its_own_group() -> None:
         resolve_config({**base, "head_wd": -1})
 
 
+def test_huge_seeds_wrap_and_small_seeds_keep_their_streams() -> None:
+    """Seeds up to 2**63 - 1 work (a seed of 2e7 overflowed torch's seed with augmentation);
+    the streams of ordinary seeds are the ones earlier runs used."""
+    from vprompt.engine.sampling import SeededItems
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> float:
+            return float(torch.rand(()))
+
+    big = 2**63 - 1
+    drawn = [i for b in global_batches(10, 3, seed=big, epoch=5) for i in b]
+    assert len(set(drawn)) == 9 and set(drawn) <= set(range(10))  # a last batch of 1 is dropped
+    SeededItems(Draw(), seed=20_000_000, random=True)[(3, 2)]  # no overflow
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 1)  # the formula before wrapping existed
+    assert global_batches(10, 3, seed=3, epoch=1)[0] == torch.randperm(10, generator=g)[:3].tolist()
+    torch.manual_seed((7 * 1_000_003 + 2) * 1_000_003 + 1)
+    assert SeededItems(Draw(), seed=7, random=True)[(2, 1)] == float(torch.rand(()))
+    with pytest.raises(ConfigError, match="below 2"):
+        resolve_config({"backbone": "b", "data": "d", "method": "linear", "seed": 2**63})
+
+
 def test_global_batches_are_shared_by_ranks() -> None:
     batches = global_batches(23, 5, seed=3, epoch=1, world=2)
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]

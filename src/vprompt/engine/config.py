@@ -246,6 +246,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for name in ("workers", "ckpt_every_steps", "seed", "data_seed"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("seed", "data_seed"):
+        if getattr(cfg, name) >= 2**63:
+            raise ConfigError(
+                f"{name} must be below 2**63 (torch's seed range), got {getattr(cfg, name)}"
+            )
     if cfg.lr is not None and cfg.optimizer is not None and cfg.min_lr > cfg.actual_lr:
         raise ConfigError(
             f"min_lr={cfg.min_lr:g} is above the peak learning rate {cfg.actual_lr:g} (lr "
