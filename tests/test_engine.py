@@ -301,14 +301,19 @@ def _model_and_splits(values: dict[str, object]):
     return cfg, build_model(cfg, bb, splits), splits
 
 
-def test_linear_probe_cache_matches_full_forward(tiny_vit_spec: str, tiny_data_spec: str) -> None:
+@pytest.mark.parametrize("head_dropout", [0.0, 0.5])
+def test_linear_probe_cache_matches_full_forward(
+    tiny_vit_spec: str, tiny_data_spec: str, head_dropout: float
+) -> None:
+    """With head dropout too: caching and evaluating draw nothing from the global RNG, so the
+    dropout masks are the same with the cache on and off."""
     results = {}
     for mode in ("on", "off"):
-        cfg, model, splits = _model_and_splits(
-            base_values(
-                tiny_vit_spec, tiny_data_spec, method="linear", epochs=3, feature_cache=mode
-            )
+        values = base_values(
+            tiny_vit_spec, tiny_data_spec, method="linear", epochs=3, feature_cache=mode
         )
+        values["method_options"] = {"head_dropout": head_dropout}
+        cfg, model, splits = _model_and_splits(values)
         res = fit(model, splits, cfg)
         results[mode] = (res, {k: v.clone() for k, v in model.task_state_dict().items()})
     (cached, w_cached), (plain, w_plain) = results["on"], results["off"]

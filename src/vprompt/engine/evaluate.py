@@ -68,7 +68,15 @@ def predict_split(
         progress: called with the number of images after each batch.
     """
     shard = Subset(dataset, list(shard_range(len(dataset), info.rank, info.world)))  # type: ignore[arg-type]
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)
+    # its own generator: creating the iterator would otherwise draw from the global RNG, and
+    # evaluating (or not) would shift the training's dropout masks and data order after it
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        generator=torch.Generator(),
+    )
     labels, topk, losses = [], [], []
     for x, y in loader:
         x, y = x.to(info.device), torch.as_tensor(y).to(info.device)

@@ -67,7 +67,14 @@ def head_inputs(
     shard = Subset(dataset, list(shard_range(len(dataset), info.rank, info.world)))  # type: ignore[arg-type]
     labels: list[torch.Tensor] = []
     try:
-        for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers):
+        loader = DataLoader(  # own generator: caching leaves the global RNG as it was
+            shard,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            generator=torch.Generator(),
+        )
+        for x, y in loader:
             with autocast(info.device, precision):
                 model(x.to(info.device))
             labels.append(torch.as_tensor(y))
