@@ -403,6 +403,29 @@ def test_epoch_checkpoint_is_written_before_its_records_and_plot(
     assert sink.calls == ["checkpoint 1", "epoch 1", "checkpoint 2", "epoch 2"]
 
 
+def test_signal_during_validation_stops_at_the_epoch_end(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal that lands while an epoch is validated stops after that epoch's checkpoint (it
+    was ignored: the run went on, and after the last epoch tested and wrote the task)."""
+    from vprompt.engine.trainer import Loop
+
+    evaluate = Loop.evaluate
+
+    def signalled(self: Loop, ds: object, name: str) -> object:
+        if name == "val":
+            self.stop.requested, self.stop.signal_name = True, "SIGTERM"
+        return evaluate(self, ds, name)
+
+    monkeypatch.setattr(Loop, "evaluate", signalled)
+    cfg, model, splits = _model_and_splits(base_values(tiny_vit_spec, tiny_data_spec, epochs=2))
+    run = RunDir(tmp_path / "run")
+    run.create()
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after epoch 1"):
+        fit(model, splits, cfg, sink=run)
+    assert load_checkpoint(run.path)["epoch"] == 1
+
+
 def test_sigint_saves_checkpoint_and_resume_matches_uninterrupted(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
 ) -> None:

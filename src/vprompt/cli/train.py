@@ -40,7 +40,13 @@ def cli_errors(resume_hint: Path | None = None) -> Iterator[None]:
         _echo_err(f"interrupted: {e}{hint}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
-        _echo_err("interrupted before training started (no checkpoint was written)")
+        if resume_hint is not None and (Path(resume_hint) / "checkpoint.json").is_file():
+            _echo_err(
+                "interrupted; the last checkpoint is kept: continue with "
+                f"vprompt train --resume {resume_hint}"
+            )
+        else:
+            _echo_err("interrupted before the first checkpoint (nothing to resume)")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
         _echo_err(f"error: {e}")

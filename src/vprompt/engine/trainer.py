@@ -473,6 +473,17 @@ class Loop:
         if every and st.global_step % every == 0:
             self.save()
 
+    def stop_if_signalled(self) -> None:
+        """At an epoch's end (its checkpoint written): stop if a signal came during its
+        validation or checkpoint on any rank, instead of training on or, after the last epoch,
+        testing and writing the task as if nothing had happened."""
+        flag = torch.tensor([float(self.stop.requested)], dtype=torch.float64)
+        if float(all_reduce_sum(flag.to(self.info.device), self.info).item()) > 0:
+            raise TrainingInterrupted(
+                f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
+                f"{self.state.epoch}, step {self.state.global_step}; checkpoint saved"
+            )
+
     # -------------------------------------------------------------- evaluation
     def evaluate(self, ds: Dataset | None, name: str) -> dict[str, Any] | None:
         if ds is None:
@@ -683,6 +694,7 @@ def fit(
             while loop.state.epoch < int(cfg.epochs or 0):
                 loop.run_epoch()
                 record = loop.end_epoch()
+                loop.stop_if_signalled()
                 if on_epoch_end is not None and not loop.keep_going(on_epoch_end, record):
                     break
     finally:
