@@ -448,12 +448,13 @@ class Loop:
         loader, sizes = self.loader(st.epoch, st.step_in_epoch)
         self.stage.module.train()
         with self.reporter.bar(f"epoch {st.epoch + 1}/{self.cfg.epochs}", sum(sizes)) as bar:
+            t0 = time.perf_counter()  # each step's time includes waiting for its batch
             for (x, y), n in zip(loader, sizes, strict=True):
-                t0 = time.perf_counter()
                 loss, lr = self.train_step(x.to(self.info.device), y.to(self.info.device), n)
                 st.seconds += time.perf_counter() - t0
                 bar.advance(n, f"loss {loss:.4f}")
-                self._after_step(loss, lr)
+                self._after_step(loss, lr)  # records and checkpoints: not training time
+                t0 = time.perf_counter()
 
     def _after_step(self, loss: float, lr: float) -> None:
         st = self.state
