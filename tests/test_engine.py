@@ -403,6 +403,25 @@ def test_epoch_checkpoint_is_written_before_its_records_and_plot(
     assert sink.calls == ["checkpoint 1", "epoch 1", "checkpoint 2", "epoch 2"]
 
 
+def test_nan_weights_at_an_epoch_end_name_that_epoch(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    cfg, model, splits = _model_and_splits(base_values(tiny_vit_spec, tiny_data_spec, epochs=2))
+    spe = steps_per_epoch(len(splits.train), cfg.batch_size)
+
+    def poison(st: object) -> None:
+        if st.epoch == 0 and st.step_in_epoch == spe:  # after the last step of epoch 1
+            with torch.no_grad():
+                model.head.fc.weight[0, 0] = float("nan")
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    with pytest.raises(TrainingDiverged, match="by the end of epoch 1 ") as err:
+        fit(model, splits, cfg, sink=run, step_hook=poison)
+    assert "no checkpoint had been written yet" in str(err.value)
+    assert "--precision fp32" not in str(err.value)  # it is fp32 already
+
+
 def test_signal_during_validation_stops_at_the_epoch_end(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -309,10 +309,16 @@ class Loop:
     def checkpoint_state(self, complete: bool = False) -> dict[str, Any]:
         model_state = trainable_state(self.model)
         if not all_finite(model_state):
+            st = self.state
+            when = (  # at an epoch's end the epoch counter has already moved on
+                f"by the end of epoch {st.epoch}"
+                if st.step_in_epoch == 0
+                else f"in epoch {st.epoch + 1}"
+            )
+            fp32 = ", or --precision fp32" if self.cfg.precision == "bf16" else ""
             raise TrainingDiverged(
-                f"the weights became NaN/inf at epoch {self.state.epoch + 1}, step "
-                f"{self.state.global_step}; {self._kept()}. Start it again (--overwrite) with a "
-                "lower --lr, --grad-clip 1.0, or --precision fp32"
+                f"the weights became NaN/inf {when} (step {st.global_step}); {self._kept()}. "
+                f"Start it again (--overwrite) with a lower --lr or --grad-clip 1.0{fp32}"
             )
         return {
             "epoch": self.state.epoch,
