@@ -403,6 +403,17 @@ def test_epoch_checkpoint_is_written_before_its_records_and_plot(
     assert sink.calls == ["checkpoint 1", "epoch 1", "checkpoint 2", "epoch 2"]
 
 
+def test_resume_refuses_a_process_count_that_changes_the_steps_per_epoch() -> None:
+    from vprompt.engine.distributed import DistInfo
+    from vprompt.engine.trainer import check_resume_layout
+
+    cfg = resolve_config({"backbone": "b", "data": "d", "method": "linear", "batch_size": 32})
+    four = DistInfo(rank=0, world=4)
+    check_resume_layout({"world_size": 1}, 40, cfg, four)  # 40 = 32 + 8: 2 steps either way
+    with pytest.raises(ConfigError, match="resume with 1 process"):
+        check_resume_layout({"world_size": 1}, 34, cfg, four)  # last batch of 2: kept only by 1
+
+
 def test_nan_weights_at_an_epoch_end_name_that_epoch(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
 ) -> None:

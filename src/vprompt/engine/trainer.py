@@ -619,6 +619,26 @@ def _no_buffer_sync() -> dict[str, bool]:
     )
 
 
+def check_resume_layout(
+    checkpoint: dict[str, Any], n_train: int, cfg: TrainConfig, info: DistInfo
+) -> None:
+    """Refuse to resume with a process count that changes the steps per epoch.
+
+    The last incomplete batch is dropped below ``max(2, processes)`` images, so the number of
+    processes can change the steps per epoch, and with them the schedule the saved step count
+    belongs to (mostly it does not, and any count resumes).
+    """
+    saved_world = int(checkpoint.get("world_size", 1))
+    before = steps_per_epoch(n_train, cfg.batch_size, saved_world)
+    now = steps_per_epoch(n_train, cfg.batch_size, info.world)
+    if before != now:
+        raise ConfigError(
+            f"this run was checkpointed with {saved_world} process(es), {before} steps per "
+            f"epoch; with {info.world} its {n_train} images make {now}, so the learning-rate "
+            f"schedule would not continue where it stopped: resume with {saved_world} process(es)"
+        )
+
+
 def fit(
     model: PromptedModel,
     splits: Any,
@@ -640,7 +660,8 @@ def fit(
         sink: receives step and epoch records and checkpoints (a run directory).
         info: process layout (a single process on ``cfg.device`` when None).
         reporter: logging and progress bars.
-        checkpoint: a loaded checkpoint to continue from (resume).
+        checkpoint: a loaded checkpoint to continue from (resume); its tensors are dropped from
+            the dict once restored.
         step_hook: called after every optimizer step (tests use it to inject faults).
         on_epoch_end: ``fn(epoch, record)``, called after each epoch's record is logged and its
             checkpoint written; returning False stops training there. The result then covers
@@ -668,6 +689,8 @@ def fit(
         seed_everything(cfg.seed)
     stage = build_stage(model, splits, cfg, info, reporter)
     resolved = resolved_schedule(cfg, len(stage.train), info.world)  # type: ignore[arg-type]
+    if checkpoint is not None:
+        check_resume_layout(checkpoint, len(stage.train), cfg, info)  # type: ignore[arg-type]
     named = [(n, p) for n, p in model.named_trainable_parameters()]
     optimizer = build_optimizer(named, model.no_weight_decay(), cfg)
     schedule = WarmupCosine(
@@ -690,6 +713,8 @@ def fit(
     )
     if checkpoint is not None:
         loop.restore(checkpoint)
+        for key in ("model", "optimizer", "best_state"):  # restored: free the copies (a full
+            checkpoint.pop(key, None)  # fine-tune's is a whole backbone plus AdamW state)
         if loop.state.epoch >= int(cfg.epochs or 0):
             reporter.info(f"all {cfg.epochs} epochs were trained already: evaluating only")
         else:
