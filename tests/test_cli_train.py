@@ -317,6 +317,8 @@ def test_resume_after_sigkill_matches_uninterrupted(
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (cut / "summary.json").exists()
+    with open(cut / "steps.jsonl", "a") as f:  # a record the kill cut in half
+        f.write('{"step": 99, "lo')
 
     r = invoke("train", "--resume", cut)
     assert r.exit_code == 0, r.output

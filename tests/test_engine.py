@@ -41,7 +41,7 @@ from vprompt.engine.optim import WarmupCosine, build_optimizer, param_groups
 from vprompt.engine.run import build_data, build_model
 from vprompt.engine.rundir import RunDir, read_jsonl
 from vprompt.engine.sampling import EpochBatches, global_batches, local_chunk, steps_per_epoch
-from vprompt.errors import ConfigError, DataError, TrainingDiverged
+from vprompt.errors import ConfigError, DataError, TrainingDiverged, TrainingError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -263,6 +263,12 @@ def test_globalize_batchnorm_converts_every_kind_and_restores(tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------------------- checkpoint + eval
+
+
+def test_checkpoint_that_is_not_a_dict_is_a_clear_error(tmp_path: Path) -> None:
+    torch.save([torch.zeros(2)], tmp_path / CHECKPOINT)
+    with pytest.raises(TrainingError, match="not a vprompt checkpoint"):
+        load_checkpoint(tmp_path)
 
 
 def test_rng_state_round_trip_through_weights_only(tmp_path: Path) -> None:

@@ -84,6 +84,11 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
         raise TrainingError(
             f"{path} is unreadable ({type(e).__name__}: {e}); restart with --overwrite"
         ) from e
+    if not isinstance(state, dict):
+        raise TrainingError(
+            f"{path} is not a vprompt checkpoint (it holds a {type(state).__name__}); restart "
+            "with --overwrite"
+        )
     if state.get("format") != FORMAT:
         raise TrainingError(
             f"{path} has checkpoint format {state.get('format')}, expected {FORMAT}"

@@ -128,7 +128,7 @@ class RunDir:
             kept = [
                 line
                 for line in steps.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= global_step
+                if (record := _record(line)) is not None and record["step"] <= global_step
             ]
             atomic_write_text(steps, "".join(line + "\n" for line in kept))
 
@@ -138,6 +138,15 @@ class RunDir:
     @property
     def task_dir(self) -> Path:
         return self.path / TASK
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """A step record, or None for a blank line or one a killed process left half written."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

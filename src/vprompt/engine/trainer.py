@@ -223,16 +223,14 @@ def prepare_method(
 
 
 def trainable_state(model: PromptedModel) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint keeps: the task's tensors, plus backbone buffers in train mode."""
-    state = model.task_state_dict()
-    if model.method.backbone_train_mode:
-        for n, b in model.backbone.named_buffers():
-            state[f"backbone_buffer.{n}"] = b.detach().clone()
-    return state
+    """The tensors a checkpoint keeps: the task's tensors (which hold a training backbone's
+    buffers, batch-norm statistics, already)."""
+    return model.task_state_dict()
 
 
 def load_trainable_state(model: PromptedModel, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of `trainable_state`."""
+    """Inverse of `trainable_state` (checkpoints from before it kept a second copy of the
+    backbone buffers under ``backbone_buffer.*`` load too)."""
     buffers = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("backbone_buffer.")}
     model.load_task_state_dict(
         {k: v for k, v in state.items() if not k.startswith("backbone_buffer.")}
@@ -341,6 +339,11 @@ class Loop:
             self.saved_at = (self.state.epoch, self.state.global_step)
         elif not all_finite(trainable_state(self.model)):
             self.checkpoint_state(complete)  # raises the NaN/inf error
+
+    def _saved_text(self) -> str:
+        return (
+            "checkpoint saved" if self.sink is not None else "nothing was saved (no run directory)"
+        )
 
     def _kept(self) -> str:
         """What a diverged run leaves to go back to."""
@@ -474,7 +477,7 @@ class Loop:
             self.save()
             raise TrainingInterrupted(
                 f"stopped by {self.stop.signal_name or 'a signal'} at epoch {st.epoch + 1}, "
-                f"step {st.global_step}; checkpoint saved"
+                f"step {st.global_step}; {self._saved_text()}"
             )
         every = self.cfg.ckpt_every_steps
         if every and st.global_step % every == 0:
@@ -488,7 +491,7 @@ class Loop:
         if float(all_reduce_sum(flag.to(self.info.device), self.info).item()) > 0:
             raise TrainingInterrupted(
                 f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
-                f"{self.state.epoch}, step {self.state.global_step}; checkpoint saved"
+                f"{self.state.epoch}, step {self.state.global_step}; {self._saved_text()}"
             )
 
     # -------------------------------------------------------------- evaluation
