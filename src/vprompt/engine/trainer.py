@@ -39,7 +39,7 @@ from vprompt.engine.evaluate import autocast, predict_split, summarize
 from vprompt.engine.features import head_inputs, use_feature_cache
 from vprompt.engine.optim import WarmupCosine, build_optimizer
 from vprompt.engine.progress import Reporter
-from vprompt.engine.sampling import EpochBatches, SeededItems, steps_per_epoch
+from vprompt.engine.sampling import EpochBatches, SeededItems, shard_range, steps_per_epoch
 from vprompt.errors import ConfigError, TrainingDiverged, TrainingError
 from vprompt.methods.base import PromptedModel
 
@@ -179,7 +179,9 @@ def build_stage(
     def cache(ds: Dataset | None, name: str) -> Dataset | None:
         if ds is None:
             return None
-        with reporter.bar(f"features {name}", len(ds)) as bar:  # type: ignore[arg-type]
+        # the bar counts this process's shard (rank 0's, the one shown)
+        total = len(shard_range(len(ds), info.rank, info.world))  # type: ignore[arg-type]
+        with reporter.bar(f"features {name}", total) as bar:
             return head_inputs(
                 model,
                 ds,
@@ -500,7 +502,8 @@ class Loop:
             return None
         self.stage.module.eval()
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        with self.reporter.bar(f"eval {name}", len(ds)) as bar:  # type: ignore[arg-type]
+        total = len(shard_range(len(ds), self.info.rank, self.info.world))  # type: ignore[arg-type]
+        with self.reporter.bar(f"eval {name}", total) as bar:  # this process's shard
             pred = predict_split(
                 self.eval_net,
                 ds,
