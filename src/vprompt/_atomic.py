@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the same folder, then ``os.replace``.
 
-A reader never sees a half-written file, a failed write leaves the old file in place, and two
-writers racing leave one complete file.
+A reader never sees a half-written file, a failed write leaves the old file in place, two
+writers racing leave one complete file, and the data is flushed to disk before the rename (a
+power cut leaves the old file or the new one, not an empty one).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = No
     try:
         os.chmod(tmp, umask_mode() if mode is None else mode)
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it the file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

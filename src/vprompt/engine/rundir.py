@@ -121,8 +121,11 @@ class RunDir:
 
     # ------------------------------------------------------------------ resume / end
     def rewind(self, global_step: int, history: list[dict[str, Any]]) -> None:
-        """Drop records written after the checkpoint a resumed run continues from."""
+        """Drop records written after the checkpoint a resumed run continues from (and draw
+        the curves of the epochs it keeps: a kill can come between a checkpoint and its plot)."""
         atomic_write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        if history:
+            plot_curves(history, self.path / CURVES)
         steps = self.path / STEPS
         if steps.exists():
             kept = [

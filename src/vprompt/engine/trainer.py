@@ -759,9 +759,12 @@ def finish(loop: Loop, resolved: dict[str, Any], seconds: float) -> FitResult:
         )
         selected = st.best_epoch
     elif cfg.select == "best-val":
-        loop.reporter.warn(
-            "select=best-val but there is no validation split; keeping the last epoch"
+        why = (
+            "there is no validation split"
+            if loop.stage.val is None
+            else "no epoch has been validated yet (eval_every, or stopped early)"
         )
+        loop.reporter.warn(f"select=best-val but {why}; keeping the last epoch")
     validated = loop.last_val is not None and selected == len(st.history)
     val = loop.last_val if validated else loop.evaluate(loop.stage.val, "val")
     test = loop.evaluate(loop.stage.test, "test")
