@@ -398,6 +398,23 @@ def test_diverged_trials_are_recorded_and_never_chosen(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
+def _fail_or_slow(x: str) -> str:
+    if x == "fail":
+        raise ValueError("boom")
+    import time
+
+    time.sleep(1.0)  # still running when the other job fails
+    return x * 2
+
+
+@pytest.mark.multiproc
+def test_process_pool_keeps_the_work_of_jobs_running_when_one_fails() -> None:
+    got: dict[str, str] = {}
+    with LocalBackend(workers=2) as backend, pytest.raises(ValueError, match="boom"):
+        backend.map(_fail_or_slow, ["ok", "fail"], lambda item, r: got.__setitem__(item, r))
+    assert got == {"ok": "okok"}
+
+
 def test_process_pool_backend_agrees_with_sequential(tmp_path: Path) -> None:
     kw = {"lrs": "0.1,0.5,1", "wds": "0", "seeds": 2, "search": "halving"}
     seq = run_sweep(SweepSpec(dict(BASE), **kw), tmp_path / "seq", runner=ScriptedRunner())

@@ -95,11 +95,23 @@ class LocalBackend:
                 item = pending.pop(future)
                 error = future.exception()
                 if error is not None:
-                    for other in pending:
-                        other.cancel()
-                    self.close()
+                    self._finish_running(pending, on_result)
                     raise error
                 on_result(item, future.result())
+
+    def _finish_running(
+        self, pending: dict[Any, Any], on_result: Callable[[Any, Any], None]
+    ) -> None:
+        """After a job failed: drop the jobs not started, and record the ones already running
+        when they end (they cannot be stopped, so their work is kept rather than thrown away)."""
+        running = {f: item for f, item in pending.items() if not f.cancel()}
+        for future, item in running.items():
+            try:
+                result = future.result()
+            except Exception:
+                continue
+            on_result(item, result)
+        self.close()
 
     def close(self) -> None:
         """Stop the worker processes (if any)."""
