@@ -23,9 +23,10 @@ from vprompt.sweep.grids import GridPoint
 from vprompt.sweep.runner import TrialProgress
 
 DEFAULT_DB = "sweep.db"
-PARAM_HIGH = 1e6
+PARAM_HIGH = 1e12
 """Upper bound of the lr / wd distributions recorded with each trial (a formality: values are
-fixed by the grid, and a float distribution lets a later sweep extend the grid)."""
+fixed by the grid, and a float distribution lets a later sweep extend the grid); high enough
+that no grid value falls outside it (Optuna warns for every such trial)."""
 
 RECORD_KEYS = ("epoch", "val_top1", "train_loss", "train_top1", "seconds")
 """Fields of the engine's epoch records kept in the study."""
