@@ -35,7 +35,13 @@ from vprompt.sweep import (
     run_sweep,
     rungs,
 )
-from vprompt.sweep.suite import datasets_from_specs, load_suite_file, run_suite
+from vprompt.sweep.suite import (
+    SuiteDataset,
+    datasets_from_specs,
+    load_suite_file,
+    run_suite,
+    unique_names,
+)
 
 BASE = {"backbone": "b", "data": "d", "method": "vpt-deep", "epochs": 6}
 
@@ -449,6 +455,28 @@ def test_suite_file_groups_names_and_root(tmp_path: Path) -> None:
     f.write_text("groups:\n  natural: [cifar100]\n")
     with pytest.raises(ConfigError, match="root"):
         load_suite_file(f)
+    for bad, message in (
+        ("root: /r\ndatasets: ['flder:/data/x']\n", "unknown kind"),  # a typo'd prefix
+        ("root: /r\ndatasets: [{cifar: null}]\n", "no data spec"),
+        ("datasets: [builtin:digits]\nmethods: [linear]\n", "unknown key"),
+        ("datasets: [builtin:digits, builtin:digits]\n", "twice"),
+    ):
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            unique_names(load_suite_file(f))
+    f.write_text("datasets: [{'../../escape': builtin:digits}]\n")
+    assert load_suite_file(f)[0].name == "_.._escape"  # a folder under --out, no path parts
+
+
+def test_suite_names_stay_unique_across_the_file_and_data_flags() -> None:
+    ds = unique_names(
+        [
+            SuiteDataset("digits", "builtin:digits", "g"),
+            SuiteDataset("digits", "builtin:digits?val=0.2", "g"),
+            SuiteDataset("digits-2", "builtin:digits?val=0.3", "g"),  # an explicit name
+        ]
+    )
+    assert [d.name for d in ds] == ["digits", "digits-3", "digits-2"]
 
 
 def test_suite_tables_per_dataset_and_group(tmp_path: Path) -> None:
@@ -467,10 +495,8 @@ def test_suite_tables_per_dataset_and_group(tmp_path: Path) -> None:
     assert doc["groups"] == {"nat": ["a", "b"], "str": ["c"]}
     assert doc["methods"]["linear"]["groups"]["nat"] == pytest.approx(0.805)
     assert suite.overall_mean("vpt-deep") == pytest.approx(0.805)
-    assert [d.name for d in datasets_from_specs(["builtin:digits", "builtin:digits"])] == [
-        "digits",
-        "digits-2",
-    ]
+    two = datasets_from_specs(["builtin:digits", "builtin:digits?val=0.2"])
+    assert [d.name for d in unique_names(two)] == ["digits", "digits-2"]
 
 
 def _suite_yaml(tmp_path: Path) -> Path:
@@ -588,6 +614,29 @@ def test_cli_suite_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             (tmp_path / "o" / method / "digits" / "summary.json").read_text()
         )
         assert sweep_summary["data_seed"] == 4
+
+
+def test_cli_suite_checks_every_method_first_and_shares_options_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("vprompt.sweep.protocol.EngineRunner", ScriptedRunner)
+    base = ["suite", "--backbone", "b", "--data", "builtin:digits", "--epochs", "2", "--lr",
+            "0.5", "--wd", "0", "--seeds", "1", "--quiet"]  # fmt: skip
+
+    def run(out: str, *extra: str) -> Any:
+        return CliRunner().invoke(_app(), [*base, "--out", str(tmp_path / out), *extra])
+
+    r = run("bad", "--method", "linear,bogus")
+    assert r.exit_code != 0 and "bogus" in r.output
+    assert not (tmp_path / "bad" / "linear").exists()  # refused before the first sweep
+    r = run("nobody", "--method", "linear", "--set", "prompt_len=4")
+    assert r.exit_code != 0 and "no method of the suite" in r.output
+    r = run("mixed", "--method", "vpt-deep,linear", "--prompt-len", "4")  # linear has none
+    assert r.exit_code == 0, r.output
+    config = tmp_path / "c.yaml"
+    config.write_text("method: linear\n")
+    r = run("cfg", "--method", "linear", "--config", str(config))
+    assert r.exit_code != 0 and "takes from --method" in r.output
 
 
 # ------------------------------------------------------------------------- the real engine

@@ -136,6 +136,21 @@ def train_values(flags: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def method_option_split(methods: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's share of the method options (``--prompt-len`` goes to the prompt methods
+    of a suite that also has ``linear``); an option no method has is an error."""
+    from vprompt.methods import get_method_class
+
+    per_method: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        known = {f.name for f in get_method_class(m).config_class.options()}
+        per_method[m] = {k: v for k, v in options.items() if k in known}
+    unused = sorted(k for k in options if not any(k in o for o in per_method.values()))
+    if unused:
+        raise ConfigError(f"no method of the suite ({', '.join(methods)}) has option(s) {unused}")
+    return per_method
+
+
 def strip_protocol(values: dict[str, Any]) -> dict[str, Any]:
     """Drop a config file's lr / wd (the grid replaces them) and protocol options at their
     protocol value; other protocol values are an error."""
@@ -236,9 +251,17 @@ def _suite_impl(**kwargs: Any) -> None:
         datasets += datasets_from_specs(suite_opts["data"] or [])
         methods = [m.strip() for m in (suite_opts["method"] or "").split(",") if m.strip()]
         values = train_values(kwargs)
+        for key, flag in (("method", "--method"), ("data", "--data / --suite")):
+            if key in values:  # from --config: a suite takes them from its own flags
+                raise ConfigError(
+                    f"the --config file sets {key!r}, which a suite takes from {flag}; "
+                    "drop it from the file"
+                )
+        per_method = method_option_split(methods, values.pop("method_options", None) or {})
 
         def spec_for(method: str, data: str) -> Any:
-            return make_spec({**values, "method": method, "data": data}, opts)
+            options = {"method_options": per_method[method]} if per_method[method] else {}
+            return make_spec({**values, **options, "method": method, "data": data}, opts)
 
         with contextlib.closing(_backend(opts, opts["out"])) as backend:
             result = run_suite(

@@ -56,15 +56,25 @@ def dataset_name(spec: str) -> str:
 def _entry(item: Any, root: str | None, where: str) -> tuple[str, str]:
     if isinstance(item, dict) and len(item) == 1:
         ((name, spec),) = item.items()
-        return str(name), _spec(str(spec), root)
-    if isinstance(item, str):
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigError(f"{where}: {name!r} has no data spec")
+        return _clean_name(str(name), where), _spec(spec.strip(), root, where)
+    if isinstance(item, str) and item.strip():
         text = item.strip()
-        if ":" in text and not _is_spec(text):
-            name, spec = text.split(":", 1)
-            return name.strip(), _spec(spec.strip(), root)
-        spec = _spec(text, root)
+        name, sep, rest = text.partition(":")
+        if sep and not _is_spec(text) and _is_spec(rest.strip()):  # 'NAME: KIND:TARGET'
+            return _clean_name(name, where), rest.strip()
+        spec = _spec(text, root, where)
         return dataset_name(spec), spec
     raise ConfigError(f"{where}: entry {item!r} is not a data spec, a name or a {{name: spec}}")
+
+
+def _clean_name(name: str, where: str) -> str:
+    """A dataset name is also a folder under ``--out``: letters, digits, ``_ . -`` only."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip(".")
+    if not cleaned:
+        raise ConfigError(f"{where}: {name!r} is not a usable dataset name")
+    return cleaned
 
 
 def _is_spec(text: str) -> bool:
@@ -73,9 +83,14 @@ def _is_spec(text: str) -> bool:
     return text.split(":", 1)[0] in SPEC_KINDS
 
 
-def _spec(text: str, root: str | None) -> str:
+def _spec(text: str, root: str | None, where: str = "suite") -> str:
+    from vprompt.data import SPEC_KINDS
+
     if _is_spec(text):
         return text
+    if ":" in text.split("/", 1)[0]:  # KIND:TARGET with an unknown kind (a typo, say)
+        kinds = ", ".join(f"{k}:" for k in SPEC_KINDS)
+        raise ConfigError(f"{where}: {text!r} has an unknown kind; data specs start with {kinds}")
     if root is None:
         raise ConfigError(
             f"suite entry {text!r} is not a data spec (KIND:TARGET); give one, or "
@@ -86,7 +101,7 @@ def _spec(text: str, root: str | None) -> str:
 
 def datasets_from_specs(specs: list[str]) -> list[SuiteDataset]:
     """One group of datasets from ``--data`` values."""
-    return _unique([SuiteDataset(dataset_name(s), s, DEFAULT_GROUP) for s in specs])
+    return [SuiteDataset(dataset_name(s), s, DEFAULT_GROUP) for s in specs]
 
 
 def load_suite_file(path: str | Path) -> list[SuiteDataset]:
@@ -105,6 +120,16 @@ def load_suite_file(path: str | Path) -> list[SuiteDataset]:
     if not isinstance(doc, dict):
         raise ConfigError(f"suite file {p} must be a mapping with 'groups:' or 'datasets:'")
     root = doc.get("root")
+    unknown = (
+        sorted(set(doc) - {"root", "groups", "datasets"})
+        if ("groups" in doc or "datasets" in doc)
+        else []
+    )
+    if unknown:
+        raise ConfigError(
+            f"suite file {p}: unknown key(s) {unknown}; a suite file holds 'root:' and "
+            "'groups:' or 'datasets:' (methods and options are command-line flags)"
+        )
     if "groups" in doc:
         groups = doc["groups"]
     elif "datasets" in doc:
@@ -120,16 +145,39 @@ def load_suite_file(path: str | Path) -> list[SuiteDataset]:
         for item in items:
             name, spec = _entry(item, root, f"suite file {p}, group {group!r}")
             out.append(SuiteDataset(name, spec, str(group)))
-    return _unique(out)
+    return out
 
 
-def _unique(datasets: list[SuiteDataset]) -> list[SuiteDataset]:
-    seen: dict[str, int] = {}
+def check_spec(spec: Any) -> Any:
+    """Resolve a sweep's options and its method's options now, so a typo in the last method or
+    dataset fails before hours of sweeps rather than after them."""
+    from vprompt.engine import resolve_config
+    from vprompt.methods.registry import make_config
+
+    resolved = resolve_config(spec.search_values(spec.points[0]))
+    make_config(resolved.method, **resolved.method_options)
+    return spec
+
+
+def unique_names(datasets: list[SuiteDataset]) -> list[SuiteDataset]:
+    """Every dataset under its own name (it is also its folder): a repeated spec is refused,
+    a name taken by another spec becomes ``NAME-2``, ``NAME-3``... (the first free one)."""
+    specs: set[str] = set()
+    taken = {d.name for d in datasets}
+    used: set[str] = set()
     out = []
     for d in datasets:
-        n = seen.get(d.name, 0)
-        seen[d.name] = n + 1
-        out.append(d if n == 0 else SuiteDataset(f"{d.name}-{n + 1}", d.spec, d.group))
+        if d.spec in specs:
+            raise ConfigError(f"the suite lists {d.spec!r} twice; give each dataset once")
+        specs.add(d.spec)
+        name = d.name
+        if name in used:
+            k = 2
+            while f"{d.name}-{k}" in used or f"{d.name}-{k}" in taken:
+                k += 1
+            name = f"{d.name}-{k}"
+        used.add(name)
+        out.append(d if name == d.name else SuiteDataset(name, d.spec, d.group))
     return out
 
 
@@ -272,6 +320,8 @@ def run_suite(
         )
     if not methods:
         raise ConfigError("the suite has no method: give --method NAME[,NAME...]")
+    datasets = unique_names(datasets)
+    specs = {(m, d.name): check_spec(make_spec(m, d.spec)) for m in methods for d in datasets}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = log or (lambda _m: None)
@@ -279,7 +329,7 @@ def run_suite(
     for m in methods:
         for d in datasets:
             log(f"== {m} on {d.name} ({d.group}): {d.spec}")
-            r = run_sweep(make_spec(m, d.spec), out / m / d.name, log=log, **sweep_kwargs)
+            r = run_sweep(specs[(m, d.name)], out / m / d.name, log=log, **sweep_kwargs)
             suite.results[(m, d.name)] = r
             log(r.summary_line())
             suite.write()
