@@ -551,3 +551,15 @@ def test_zoo_cli_list_and_fetch_errors() -> None:
     result = runner.invoke(zoo_cli.app, ["fetch", "no-such-entry"])
     assert result.exit_code != 0
     assert isinstance(result.exception, BackboneError)
+
+
+def test_dinov2_conversion_without_onnx_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from vprompt.backbones.zoo.dinov2_onnx import convert_dinov2_onnx
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    with pytest.raises(BackboneError, match="pip install onnx"):
+        convert_dinov2_onnx(tmp_path / "model.onnx")

@@ -183,7 +183,13 @@ def convert_dinov2_onnx(
     src: Path, progress: Callable[[str, int, int], None] | None = None
 ) -> StateDict:
     """Convert the DINOv2 backbone inside an ONNX file to a strict-loading timm state dict."""
-    import onnx
+    try:
+        import onnx
+    except ImportError as e:
+        raise BackboneError(
+            "zoo:dinov2-s is converted from an ONNX file and needs the onnx package: "
+            "pip install onnx (or pip install 'vprompt[zoo]')"
+        ) from e
     import timm
 
     def step(desc: str, done: int) -> None:
