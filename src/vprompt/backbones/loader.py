@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def load_backbone(
             (see `parse_backbone_spec`).
         img_size: input size the model is built for (ViT position tables are resampled to its
             patch grid). Defaults to the spec's ``img_size`` option, then to the weights' own
-            size (the zoo entry's, or timm's pretrained cfg).
+            size (the zoo entry's; a ``file:`` ViT checkpoint's position-table grid; otherwise
+            timm's pretrained cfg).
         arch: timm architecture of a ``file:`` checkpoint, instead of ``#ARCH`` in the spec.
         keep_head: keep the pretrained classifier (``model(x)`` returns its logits). By default
             the model is built with ``num_classes=0``: ``model(x)`` returns pooled features and
@@ -78,7 +80,7 @@ def _build(
         model, name = _load_timm(parsed, size, arch, keep_head)
         data_config = _timm_data_config(model, size)
     elif parsed.kind == "file":
-        model, name = _load_file(parsed, size, arch, keep_head)
+        model, name, size = _load_file(parsed, size, arch, keep_head)
         data_config = _timm_data_config(model, size)
     else:
         entry = get_zoo_entry(parsed.target)
@@ -160,7 +162,9 @@ def _load_timm(
 
 def _load_file(
     parsed: BackboneSpec, size: int | None, arch: str | None, keep_head: bool
-) -> tuple[nn.Module, str]:
+) -> tuple[nn.Module, str, int | None]:
+    """The model, its architecture and the image size it is built for: without ``size``, a ViT
+    checkpoint's own (its position table's grid), not timm's default for the architecture."""
     from timm.models import get_pretrained_cfg
 
     name = _file_arch(parsed, arch)
@@ -172,6 +176,10 @@ def _load_file(
         num_classes = head_num_classes(state, head_prefixes(cfg.to_dict() if cfg else {})) or 0
         if num_classes == 0:
             raise BackboneError(f"keep_head=True, but {path} holds no classifier for {name!r}.")
+    if size is None:
+        size = _checkpoint_img_size(
+            name, _create_kwargs(name, None, num_classes, parsed.kwargs), state
+        )
     model = _build_and_load(
         name,
         _create_kwargs(name, size, num_classes, parsed.kwargs),
@@ -184,7 +192,29 @@ def _load_file(
             "reg_tokens=) describe the model the checkpoint was saved from."
         ),
     )
-    return model, name
+    return model, name, size
+
+
+def _checkpoint_img_size(name: str, kwargs: dict[str, Any], state: StateDict) -> int | None:
+    """The square image size a ViT checkpoint's ``pos_embed`` was trained at, when it is not
+    the architecture's default (None otherwise, or for models without a position table)."""
+    src = state.get("pos_embed")
+    if src is None or src.ndim != 3:
+        return None
+    try:
+        model, _ = _create_empty(name, kwargs)
+    except BackboneError:
+        return None  # the real build reports it
+    own = model.state_dict().get("pos_embed")
+    patch_embed = getattr(model, "patch_embed", None)
+    if own is None or patch_embed is None or own.shape == src.shape:
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    side = math.isqrt(max(src.shape[1] - prefix, 0))
+    patch = patch_embed.patch_size
+    if side * side != src.shape[1] - prefix or patch[0] != patch[1] or side == 0:
+        return None
+    return side * int(patch[0])
 
 
 def _file_arch(parsed: BackboneSpec, arch: str | None) -> str:
