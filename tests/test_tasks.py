@@ -105,6 +105,20 @@ def test_same_weights_with_other_preprocessing_are_refused(tmp_path):
     load_task(tmp_path, backbone=bb)  # the same config loads
 
 
+def test_same_weights_built_with_other_model_options_are_refused(tmp_path):
+    """act_layer changes what the weights compute but not their fingerprint."""
+    from vprompt.backbones import load_backbone
+
+    spec = "timm:vit_tiny_patch16_224?pretrained=false&img_size=32&depth=2&embed_dim=32&num_heads=2"
+    bb = load_backbone(spec)
+    trained("vpt-deep", bb).save_task(tmp_path)
+    other = load_backbone(spec + "&act_layer=relu")
+    assert other.fingerprint == bb.fingerprint
+    with pytest.raises(TaskError, match=r"other model options.*act_layer"):
+        load_task(tmp_path, backbone=other)
+    load_task(tmp_path, backbone=load_backbone(spec + "&drop_path_rate=0.1"))  # eval: the same
+
+
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         load_task(tmp_path / "nope", backbone=tiny_backbone())

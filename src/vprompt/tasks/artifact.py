@@ -191,6 +191,13 @@ def check_backbone(info: TaskInfo, backbone: Backbone, directory: str | os.PathL
             f"task {directory} was trained at {info.img_size} px but the backbone is set up for "
             f"{backbone.img_size} px; load the backbone with img_size={info.img_size}"
         )
+    options = _option_differences(info.backbone_spec, backbone.spec)
+    if options:
+        raise TaskError(
+            f"task {directory} was trained on '{info.backbone_spec}', but the given backbone "
+            f"'{backbone.spec}' is built with other model options ({'; '.join(options)}): the "
+            "same weights compute something else; load the backbone with the task's options"
+        )
     differ = _preprocessing_differences(info.data_config, backbone.data_config)
     if differ:
         raise TaskError(
@@ -198,6 +205,38 @@ def check_backbone(info: TaskInfo, backbone: Backbone, directory: str | os.PathL
             f"'{backbone.spec}' applies ({'; '.join(differ)}): its predictions would not be the "
             "trained task's; load the backbone the task names (same weights alone are not enough)"
         )
+
+
+def _option_differences(task_spec: str, given_spec: str) -> list[str]:
+    """Model options (``timm.create_model`` keywords in the specs, such as ``act_layer`` or
+    ``global_pool``) that differ between the two specs. The weights' fingerprint cannot see
+    them; a bare model (``module:``) or an unparsable spec is not compared."""
+    from vprompt.backbones.spec import parse_backbone_spec
+    from vprompt.errors import BackboneError
+
+    try:
+        a, b = parse_backbone_spec(task_spec), parse_backbone_spec(given_spec)
+    except BackboneError:
+        return []
+    return [
+        f"{k}={a.kwargs.get(k)!r} vs {b.kwargs.get(k)!r}"
+        for k in sorted((set(a.kwargs) | set(b.kwargs)) - INFERENCE_NEUTRAL_OPTIONS)
+        if a.kwargs.get(k) != b.kwargs.get(k)
+    ]
+
+
+INFERENCE_NEUTRAL_OPTIONS = frozenset(
+    {
+        "drop_rate",
+        "drop_path_rate",
+        "attn_drop_rate",
+        "proj_drop_rate",
+        "pos_drop_rate",
+        "patch_drop_rate",
+        "dynamic_img_size",  # the same output at the task's own image size
+    }
+)
+"""Model options that do not change a frozen backbone's output at the task's image size."""
 
 
 def _preprocessing_differences(task: DataConfig, given: DataConfig) -> list[str]:
