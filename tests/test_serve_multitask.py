@@ -376,6 +376,25 @@ def test_backbone_copy_waits_for_a_running_pro_tuning_forward(task_dirs, referen
 
 
 # ---------------------------------------------------------------------------------- batcher
+def test_a_dead_batching_loop_refuses_work_instead_of_hanging(multitask):
+    from vprompt.serve.batcher import QueueFullError
+
+    batcher = MicroBatcher(multitask, max_batch=8, max_wait_ms=1)
+
+    async def run() -> None:
+        await batcher.start()
+        assert batcher.alive
+        batcher._runner.cancel()  # as if it had died of a bug
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not batcher.alive
+        with pytest.raises(QueueFullError, match="has stopped"):
+            await batcher.submit(list(images(1, 0)), multitask.get("linear"))
+        await batcher.stop()
+
+    asyncio.run(run())
+
+
 def test_micro_batcher_merges_requests_across_tasks(multitask, references, single_thread):
     metrics = Metrics()
     batcher = MicroBatcher(multitask, max_batch=8, max_wait_ms=20, metrics=metrics)

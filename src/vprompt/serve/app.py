@@ -394,9 +394,15 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
 
     @app.get("/healthz", response_model=Health)
-    async def healthz() -> dict[str, Any]:
-        """Liveness: the backbone and how many tasks are loaded."""
+    async def healthz() -> Any:
+        """Liveness: the backbone and how many tasks are loaded (503 if the batching worker
+        has stopped: predictions would never be answered)."""
         bb = model.backbone
+        if not batcher.alive:
+            return JSONResponse(
+                {"status": "failed", "detail": "the batching worker has stopped"},
+                status_code=503,
+            )
         return {
             "status": "ok",
             "tasks": len(model),

@@ -88,10 +88,20 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the batching coroutine runs (False before `start` and if it ever died)."""
+        return self._runner is not None and not self._runner.done()
+
     def check_room(self, n: int) -> None:
-        """Raise `QueueFullError` if ``n`` more images would overfill the queue."""
+        """Raise `QueueFullError` if ``n`` more images would overfill the queue, or if the
+        batching coroutine has stopped (nothing would ever answer them)."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
+        if not self.alive:
+            raise QueueFullError(
+                "the batching worker has stopped (see the server log); restart the server"
+            )
         if self._queue.qsize() + n > self.max_queue:
             raise QueueFullError(
                 f"{self._queue.qsize()} images are already waiting (limit {self.max_queue}); "
