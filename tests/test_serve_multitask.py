@@ -395,6 +395,36 @@ def test_a_dead_batching_loop_refuses_work_instead_of_hanging(multitask):
     asyncio.run(run())
 
 
+def test_a_failing_task_fails_alone_in_a_mixed_batch(multitask, monkeypatch, single_thread):
+    forward = multitask.forward_entries
+
+    def broken_for_pro(images, entries):
+        if any(e.name == "pro" for e in entries):
+            raise RuntimeError("pro is broken")
+        return forward(images, entries)
+
+    monkeypatch.setattr(multitask, "forward_entries", broken_for_pro)
+    batcher = MicroBatcher(multitask, max_batch=8, max_wait_ms=50)
+    x = images(2, 3)
+
+    async def run() -> tuple[object, object]:
+        await batcher.start()
+        try:
+            return tuple(
+                await asyncio.gather(
+                    batcher.submit([x[0]], multitask.get("linear")),
+                    batcher.submit([x[1]], multitask.get("pro")),
+                    return_exceptions=True,
+                )
+            )
+        finally:
+            await batcher.stop()
+
+    linear, pro = asyncio.run(run())
+    assert isinstance(pro, RuntimeError) and "pro is broken" in str(pro)
+    assert isinstance(linear, list) and linear[0]["top_k"]  # answered despite the other task
+
+
 def test_micro_batcher_merges_requests_across_tasks(multitask, references, single_thread):
     metrics = Metrics()
     batcher = MicroBatcher(multitask, max_batch=8, max_wait_ms=20, metrics=metrics)

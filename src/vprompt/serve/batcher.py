@@ -132,13 +132,30 @@ class MicroBatcher:
                 continue
             try:
                 results = await loop.run_in_executor(self._executor, self._infer, batch)
-            except Exception as e:
+            except Exception:
                 log.exception("inference failed for a batch of %d images", len(batch))
-                for item in batch:
+                await self._per_task(batch)  # one broken task must not fail the others
+                continue
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    async def _per_task(self, batch: list[_Item]) -> None:
+        """After a mixed batch failed: run each task's images on their own, so only the task
+        that fails gets the error."""
+        loop = asyncio.get_running_loop()
+        by_task: dict[int, list[_Item]] = {}
+        for item in batch:
+            by_task.setdefault(id(item.entry), []).append(item)
+        for items in by_task.values():
+            try:
+                results = await loop.run_in_executor(self._executor, self._infer, items)
+            except Exception as e:
+                for item in items:
                     if not item.future.done():
                         item.future.set_exception(e)
                 continue
-            for item, result in zip(batch, results, strict=True):
+            for item, result in zip(items, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)
 
