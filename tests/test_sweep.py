@@ -37,6 +37,7 @@ from vprompt.sweep import (
 )
 from vprompt.sweep.suite import (
     SuiteDataset,
+    SuiteResult,
     datasets_from_specs,
     load_suite_file,
     run_suite,
@@ -489,12 +490,21 @@ def test_suite_tables_per_dataset_and_group(tmp_path: Path) -> None:
         datasets, ["vpt-deep", "linear"], spec, tmp_path / "suite", runner=ScriptedRunner()
     )
     md = (tmp_path / "suite" / "suite.md").read_text()
-    assert "| Method | a | b | nat mean | c | str mean | Mean |" in md
-    assert "| vpt-deep | 80.5 | 80.5 | **80.5** | 80.5 | **80.5** | **80.5** |" in md
+    assert "| Method | a | b | nat mean | c | str mean | Mean | Mean of groups |" in md
+    assert "| vpt-deep | 80.5 | 80.5 | **80.5** | 80.5 | **80.5** | **80.5** | 80.5 |" in md
     doc = json.loads((tmp_path / "suite" / "suite.json").read_text())
     assert doc["groups"] == {"nat": ["a", "b"], "str": ["c"]}
     assert doc["methods"]["linear"]["groups"]["nat"] == pytest.approx(0.805)
     assert suite.overall_mean("vpt-deep") == pytest.approx(0.805)
+    scores = {"a": 0.905, "b": 0.705, "c": 0.405}  # groups of 2 and 1 datasets
+
+    class Fixed(SuiteResult):
+        def cell(self, method: str, dataset: str) -> float:
+            return scores[dataset]
+
+    fixed = Fixed(datasets, ["linear"], out=tmp_path)
+    assert fixed.overall_mean("linear") == pytest.approx(sum(scores.values()) / 3)
+    assert fixed.mean_of_groups("linear") == pytest.approx((0.805 + 0.405) / 2)
     two = datasets_from_specs(["builtin:digits", "builtin:digits?val=0.2"])
     assert [d.name for d in unique_names(two)] == ["digits", "digits-2"]
 

@@ -206,6 +206,12 @@ class SuiteResult:
         vals = [self.cell(method, d.name) for d in self.datasets]
         return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
 
+    def mean_of_groups(self, method: str) -> float:
+        """The mean of the group means (some papers' VTAB "Mean": each group weighs the same,
+        however many datasets it has)."""
+        vals = [self.group_mean(method, g) for g in self.groups]
+        return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able table: per method, per dataset and per group."""
         rows = {}
@@ -234,6 +240,7 @@ class SuiteResult:
                 "datasets": per,
                 "groups": {g: self.group_mean(m, g) for g in self.groups},
                 "mean": self.overall_mean(m),
+                "mean_of_groups": self.mean_of_groups(m),
             }
         return {
             "groups": {g: [d.name for d in self.datasets if d.group == g] for g in self.groups},
@@ -250,6 +257,9 @@ class SuiteResult:
             align += ["---:"] * (len(names) + (len(self.groups) > 1))
         head.append("Mean")
         align.append("---:")
+        if len(self.groups) > 1:
+            head.append("Mean of groups")
+            align.append("---:")
         lines = [
             "# Suite results (test top-1, %)",
             "",
@@ -263,10 +273,13 @@ class SuiteResult:
                 if len(self.groups) > 1:
                     cells.append(f"**{_p1(self.group_mean(m, g))}**")
             cells.append(f"**{_p1(self.overall_mean(m))}**")
+            if len(self.groups) > 1:
+                cells.append(_p1(self.mean_of_groups(m)))
             lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
-            "Mean = mean over datasets; group mean = mean over the group's datasets.",
+            "Mean = mean over datasets; group mean = mean over the group's datasets; mean of "
+            "groups = mean of the group means (each group weighs the same; papers use either).",
             "",
             "| method | dataset | group | lr | wd | val top-1 | test top-1 (mean ± std) "
             "| seeds | search trial-epochs |",
