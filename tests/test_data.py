@@ -97,6 +97,7 @@ def test_parse_spec_kinds_and_options(tmp_path: Path) -> None:
         ("folder:/x?bogus=1", "bogus"),
         ("folder:/x?val=1.5", "val=1.5"),
         ("folder:/x?val=0.6&test=0.5", "add up to 1"),
+        ("folder:/x?val=0.1&val=0.2", "given twice"),
         ("vtab:/x?val=0.1", "valid options: none"),
         ("builtin:fashion-mnist?test=0.1", "valid options: val"),
     ],

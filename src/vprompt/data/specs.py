@@ -101,6 +101,10 @@ def _parse_fractions(spec: str, query: str, allowed: tuple[str, ...]) -> dict[st
             raise DataError(
                 f"Unknown option {key!r} in dataset spec {spec!r}; valid options: {valid}."
             )
+        if key in fractions:
+            raise DataError(
+                f"Option {key!r} is given twice in dataset spec {spec!r}; give it once."
+            )
         try:
             frac = float(value)
         except ValueError:
