@@ -866,11 +866,13 @@ def run_suite(
     records: Records,
     args: argparse.Namespace,
     write: Callable[[], None],
+    outcome: Outcome | None = None,
 ) -> Outcome:
-    """Train every missing run of the selected cells, ``args.workers`` at a time."""
+    """Train every missing run of the selected cells, ``args.workers`` at a time; ``outcome``
+    (filled as runs end) is the one ``write`` reports, so reports written mid-run count them."""
     sched = Scheduler(setup, selected, records)
     commit = _git_commit()
-    outcome = Outcome()
+    outcome = outcome if outcome is not None else Outcome()
     started = time.monotonic()
     deadline = None if args.max_minutes is None else started + 60 * args.max_minutes
     todo = sum(n for _, n in sched.remaining())
@@ -1605,7 +1607,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
         records_dir.mkdir(parents=True, exist_ok=True)
-        outcome = run_suite(setup, cells, selected, records, args, write)
+        outcome = run_suite(setup, cells, selected, records, args, write, outcome)
     write()
     print(f"wrote {args.results / stem}.json, .md and .png ({len(outcome.trained)} runs trained)")
     if outcome.interrupted:
