@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +26,13 @@ from vprompt.sweep.grids import GridPoint, choose
 from vprompt.sweep.runner import EngineRunner, FinalRun, TrialRunner
 from vprompt.sweep.search import Searcher
 from vprompt.sweep.spec import SweepSpec, check_validation_epochs
-from vprompt.sweep.study import SweepStudy, TrialView, default_storage, process_alive
+from vprompt.sweep.study import (
+    SweepStudy,
+    TrialView,
+    default_storage,
+    driver_mark,
+    live_other_driver,
+)
 
 TIE_RULE = "highest last-epoch val top-1; ties go to the smaller lr, then the smaller wd"
 
@@ -257,22 +261,16 @@ def claim_out(out: Path) -> Iterator[None]:
         ConfigError: another live sweep process holds ``out``.
     """
     path = out / DRIVER_FILE
-    host, pid = socket.gethostname(), os.getpid()
     try:
-        other = json.loads(path.read_text())
+        other = live_other_driver(json.loads(path.read_text()))
     except (OSError, ValueError):
-        other = {}
-    if (
-        isinstance(other, dict)
-        and other.get("host") == host
-        and other.get("pid") not in (None, pid)
-        and process_alive(int(other["pid"]))
-    ):
+        other = None
+    if other is not None:
         raise ConfigError(
-            f"another vprompt sweep (pid {other['pid']}) is writing into {out}; wait for it, "
+            f"another vprompt sweep (pid {other}) is writing into {out}; wait for it, "
             "stop it, or give this sweep another --out"
         )
-    path.write_text(json.dumps({"host": host, "pid": pid}))
+    path.write_text(json.dumps(driver_mark()))
     try:
         yield
     finally:

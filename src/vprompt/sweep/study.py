@@ -147,19 +147,14 @@ class SweepStudy:
             )
 
     def _claim_driver(self) -> None:
-        host, pid = socket.gethostname(), os.getpid()
-        other = self.study.user_attrs.get("driver") or {}
-        if (
-            other.get("host") == host
-            and other.get("pid") not in (None, pid)
-            and process_alive(other["pid"])
-        ):
+        other = live_other_driver(self.study.user_attrs.get("driver"))
+        if other is not None:
             raise ConfigError(
-                f"another vprompt sweep (pid {other['pid']}) is running study {self.name!r}; "
+                f"another vprompt sweep (pid {other}) is running study {self.name!r}; "
                 "wait for it, or stop it first (a sweep has one driver: scale out with --workers "
                 "or --backend ray)"
             )
-        self.study.set_user_attr("driver", {"host": host, "pid": pid})
+        self.study.set_user_attr("driver", driver_mark())
 
     def release(self) -> None:
         """Drop the driver mark (called when the sweep ends)."""
@@ -239,6 +234,22 @@ class SweepStudy:
 
     def _trial(self, number: int) -> Any:
         return self._optuna.trial.Trial(self.study, self._frozen(number)._trial_id)
+
+
+def driver_mark() -> dict[str, Any]:
+    """What a sweep driver records about itself (this host and process)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def live_other_driver(mark: Any) -> int | None:
+    """The pid of the live process on this host that left ``mark`` (a `driver_mark`), or None
+    (no mark, this process, another host, or a process that has ended)."""
+    if not isinstance(mark, dict) or mark.get("host") != socket.gethostname():
+        return None
+    pid = mark.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or not process_alive(pid):
+        return None
+    return pid
 
 
 def process_alive(pid: int) -> bool:
