@@ -135,6 +135,14 @@ def _type_words(expected: Any) -> str:
     return " or ".join("None" if m is type(None) else _SCALARS.get(m, str(m)) for m in members)
 
 
+def check_at_least(config: MethodConfig, field: str, minimum: int) -> None:
+    """Raise `ConfigError` if the integer option ``field`` is below ``minimum`` (its type was
+    checked by `check_field_types`)."""
+    value = getattr(config, field)
+    if value < minimum:
+        raise ConfigError(f"{config.name}: {field} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_choice(config: MethodConfig, field: str, choices: Any) -> None:
     """Raise `ConfigError` if ``config.<field>`` is not one of a ``Literal``'s values."""
     allowed = get_args(choices)

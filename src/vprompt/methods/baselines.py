@@ -216,7 +216,7 @@ class PartialConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if self.k < 1:  # an integer: check_field_types
             raise ConfigError(
                 f"{self.name}: k must be an integer >= 1 (blocks to train), got {self.k!r}"
             )

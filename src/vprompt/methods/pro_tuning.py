@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from vprompt.errors import ConfigError
-from vprompt.methods.base import Method, MethodConfig, check_choice, is_vit, resolve_pool
+from vprompt.methods.base import (
+    Method,
+    MethodConfig,
+    check_at_least,
+    check_choice,
+    is_vit,
+    resolve_pool,
+)
 from vprompt.methods.baselines import feature_stages
 from vprompt.methods.registry import register_method
 
@@ -87,19 +94,13 @@ class ProTuningConfig(MethodConfig):
         check_choice(self, "fuse", FuseType)
         check_choice(self, "vit_position", VitPosition)
         for field in ("reduction", "min_hidden", "kernel_size", "vit_groups"):
-            _check_positive_int(self, field)
+            check_at_least(self, field, 1)
         if self.kernel_size % 2 == 0:
             raise ConfigError(
                 f"{self.name}: kernel_size must be odd (same-size padding), got {self.kernel_size}"
             )
         if self.stages is not None:
             self.stages = _normalise_stages(self.name, self.stages)
-
-
-def _check_positive_int(config: MethodConfig, field: str) -> None:
-    value = getattr(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{config.name}: {field} must be an integer >= 1, got {value!r}")
 
 
 def _normalise_stages(name: str, stages: Any) -> tuple[int, ...]:

@@ -46,7 +46,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vprompt.errors import ConfigError, DataError
-from vprompt.methods.base import MethodConfig, check_choice
+from vprompt.methods.base import MethodConfig, check_at_least, check_choice
 from vprompt.methods.registry import register_method
 from vprompt.methods.vpt import VPT, VPTConfig, VPTDeepConfig, VPTShallowConfig, check_vit
 
@@ -93,27 +93,22 @@ class SPTConfig(VPTConfig):
                 f"{self.name}: prototypes are tokens of the model width, so prompts cannot live in "
                 f"project={self.project} dimensions; use project=-1 (or 'vpt-*' for projected prompts)"
             )
-        _check_int(self.name, "token_budget", self.token_budget, minimum=1)
+        check_at_least(self, "token_budget", 1)
         if self.token_budget < self.prompt_len:
             raise ConfigError(
                 f"{self.name}: token_budget={self.token_budget} holds fewer tokens than "
                 f"prompt_len={self.prompt_len}; raise it to at least {self.prompt_len}"
             )
-        _check_int(self.name, "kmeans_iters", self.kmeans_iters, minimum=1)
-        tol = self.kmeans_tol
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        check_at_least(self, "kmeans_iters", 1)
+        tol = self.kmeans_tol  # a number: check_field_types
+        if not 0 <= tol < 1:
             raise ConfigError(
                 f"{self.name}: kmeans_tol must be a number in [0, 1) (a relative decrease of the "
                 f"k-means objective), got {tol!r}"
             )
-        _check_int(self.name, "seed", self.seed, minimum=0)
+        check_at_least(self, "seed", 0)
         if self.max_images is not None:
-            _check_int(self.name, "max_images", self.max_images, minimum=1)
-
-
-def _check_int(method: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{method}: {name} must be an integer >= {minimum}, got {value!r}")
+            check_at_least(self, "max_images", 1)
 
 
 @dataclass

@@ -70,7 +70,7 @@ class VPTConfig(MethodConfig):
         super().__post_init__()
         check_choice(self, "init", PromptInit)
         check_choice(self, "fast", FastPath)
-        if not isinstance(self.prompt_len, int) or self.prompt_len < 1:
+        if self.prompt_len < 1:  # an integer: check_field_types
             raise ConfigError(
                 f"{self.name}: prompt_len must be a positive integer, got {self.prompt_len!r}"
             )
