@@ -1,8 +1,8 @@
 """Memory and time of SPT prototype initialisation: streaming vs holding every token.
 
 Run ``python -m benchmarks.spt_memory [--quick]``. Each case runs in a fresh process so that its
-peak resident memory is its own: the peak is VmHWM after the case minus VmRSS before it (the
-high-water mark is reset through ``/proc/self/clear_refs``), which counts torch CPU tensors.
+peak resident memory is its own: the peak is VmHWM after the case minus VmRSS when it starts (the
+high-water mark is reset there through ``/proc/self/clear_refs``), which counts torch CPU tensors.
 
 Cases, all on the same random images and the same random-weight backbone:
 
@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,9 +36,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from benchmarks._common import RESULTS, peak_rss_mb, reset_peak_rss, rss_mb
 from vprompt.methods import spt
-
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -89,27 +86,6 @@ CASES: dict[str, tuple[str, str, int, int]] = {
     "all-tokens-kmeans": ("all-tokens", "kmeans", 0, 1),
     "all-tokens-kmeans-5xP": ("all-tokens", "kmeans", 0, 5),
 }
-
-
-# ---------------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1))
-
-
-def _reset_peak() -> bool:
-    """Reset the resident high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb(reset_ok: bool) -> int:
-    if reset_ok:
-        return _status_kb("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # whole-process peak, kB
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -197,8 +173,8 @@ def run_case(name: str, setup: Setup, repeats: int, save: Path | None) -> dict[s
     approach, strategy, _, mult = CASES[name]
     model, batches = build(setup)
     plain_forward(model, batches[:1])  # warm-up: thread pools, allocator
-    base_kb = _status_kb("VmRSS")
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak_rss()
+    base_mb = rss_mb()  # read after the reset: RSS can shrink across it
     row: dict[str, Any] = {
         "case": name,
         "approach": approach,
@@ -217,7 +193,10 @@ def run_case(name: str, setup: Setup, repeats: int, save: Path | None) -> dict[s
     row.update(info, seconds=min(times), all_seconds=times)
     row["x_forward"] = statistics.median(ratios)
     row["all_x_forward"] = ratios
-    row["peak_rss_mb"] = (_peak_kb(reset_ok) - base_kb) / 1024
+    # The kernel's RSS counters are per-CPU approximations (off by a fraction of a MB), so a
+    # case that allocates nothing (``forward`` at --quick size) can read slightly below its
+    # base: that is counter noise, reported as 0.
+    row["peak_rss_mb"] = max(0.0, peak_rss_mb(reset_ok) - base_mb)
     row["peak_method"] = "VmHWM-reset" if reset_ok else "ru_maxrss"
     if protos is not None and save is not None:
         torch.save(protos, save / f"{name}.pt")
