@@ -331,6 +331,17 @@ def test_file_unwraps_common_containers(tmp_path: Path, wrap) -> None:
     assert bb.fingerprint == fingerprint_state(src)
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+def test_file_strips_wrapper_prefixes(tmp_path: Path, prefix: str, suffix: str) -> None:
+    """DDP, torch.compile and Lightning saves put a prefix on every key, in either format."""
+    src = _tiny_vit()
+    state = {f"{prefix}{k}": v for k, v in src.state_dict().items()}
+    path = _save(state, tmp_path / f"ckpt{suffix}")
+    bb = load_backbone(f"file:{path}#{ARCH}?{TINY_KW}")
+    assert bb.fingerprint == fingerprint_state(src)
+
+
 def test_file_pos_embed_resized_to_img_size(tmp_path: Path) -> None:
     src = _tiny_vit()
     path = _save(src.state_dict(), tmp_path / "vit.safetensors")

@@ -24,6 +24,8 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Containers that training scripts wrap a state dict in, tried in this order.
 _CONTAINER_KEYS = ("state_dict", "model")
+# Prefixes that wrappers put in front of every key of the network they hold.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _MAX_LISTED = 12
 
 StateDict = dict[str, torch.Tensor]
@@ -42,7 +44,7 @@ def read_checkpoint(path: Path) -> StateDict:
         )
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
+        return strip_wrapper_prefixes(_read_safetensors(path))
     if suffix in TORCH_SUFFIXES:
         return unwrap_state_dict(_read_torch(path), path)
     raise BackboneError(
@@ -82,10 +84,8 @@ def _read_torch(path: Path) -> Any:
 
 
 def unwrap_state_dict(obj: Any, source: Path | str) -> StateDict:
-    """Find the state dict inside common containers (``{"state_dict": ...}``, ``{"model": ...}``).
-
-    A ``module.`` prefix on every key (a DistributedDataParallel save) is removed.
-    """
+    """Find the state dict inside common containers (``{"state_dict": ...}``, ``{"model": ...}``),
+    without the wrapper prefixes of `strip_wrapper_prefixes`."""
     for _ in range(3):
         if _is_state_dict(obj):
             break
@@ -102,9 +102,18 @@ def unwrap_state_dict(obj: Any, source: Path | str) -> StateDict:
         obj = inner
     if not _is_state_dict(obj):
         raise BackboneError(f"No state dict of tensors found in {source}.")
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return strip_wrapper_prefixes(dict(obj))
+
+
+def strip_wrapper_prefixes(state: StateDict) -> StateDict:
+    """Remove a prefix that every key shares because the model was saved inside a wrapper:
+    ``module.`` (DistributedDataParallel / DataParallel), ``_orig_mod.`` (``torch.compile``) and
+    ``model.`` (a Lightning module holding the network as ``self.model``), in any nesting."""
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 
