@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -558,6 +559,22 @@ def test_atomic_write_replaces_whole_file(tmp_path) -> None:
     write_safetensors_atomic({"a": torch.ones(3)}, path, {"v": "2"})
     assert read_safetensors_metadata(path) == {"v": "2"}
     assert [p.name for p in path.parent.iterdir()] == ["w.safetensors"]
+
+
+def test_cache_write_removes_temp_files_of_killed_writers(tmp_path) -> None:
+    """A writer killed mid-write leaves a weights-sized temp file; the next write removes it,
+    but not a temp file another writer is still filling (recent), nor other files."""
+    path = tmp_path / "w.safetensors"
+    stale = tmp_path / ".w.safetensors.abc123.safetensors.tmp"
+    live = tmp_path / ".w.safetensors.def456.safetensors.tmp"
+    other = tmp_path / ".x.safetensors.abc123.safetensors.tmp"
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    for f in (stale, other):
+        os.utime(f, (old, old))
+    write_safetensors_atomic({"a": torch.zeros(2)}, path, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name])
 
 
 # ---------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = No
         mode: file permissions; by default what ``open()`` would give (``mkstemp`` makes 0600).
     """
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f"{path.suffix}.tmp", dir=path.parent
+        prefix=_temp_prefix(path), suffix=f"{path.suffix}.tmp", dir=path.parent
     )
     os.close(fd)
     try:
@@ -41,6 +42,26 @@ def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: Path, older_than: float = 3600.0) -> list[Path]:
+    """Delete the temporary files that `atomic_write` calls for ``path`` left behind (a killed
+    writer cannot clean up) once untouched for ``older_than`` seconds; a live writer keeps its
+    file's modification time fresh. Returns the files removed."""
+    removed = []
+    cutoff = time.time() - older_than
+    for tmp in path.parent.glob(f"{_temp_prefix(path)}*{path.suffix}.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue  # another process removed or renamed it first
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vprompt._atomic import atomic_write
+from vprompt._atomic import atomic_write, remove_stale_temps
 
 CACHE_ENV = "VPROMPT_CACHE"
 
@@ -30,8 +30,10 @@ def write_safetensors_atomic(
     """Write ``tensors`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
     A reader never sees a half-written file, and two writers racing leave one complete file.
+    Temporary files of earlier writers that were killed (weights-sized) are removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     # a shared cache must stay readable by others whatever the umask
     atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata), mode=0o644)
