@@ -184,6 +184,15 @@ def test_img_size_from_spec_and_argument_must_agree() -> None:
         load_backbone(f"{TINY}&img_size=96", img_size=112)
 
 
+def test_img_size_not_a_multiple_of_the_patch_is_refused() -> None:
+    """100 px on 16 px patches would drop the last 4 pixel rows/columns of every image."""
+    with pytest.raises(BackboneError, match=r"not a multiple of the patch size 16.*96 or 112"):
+        load_backbone(TINY, img_size=100)
+    padded = load_backbone(f"{TINY}&dynamic_img_pad=true", img_size=100)  # timm pads instead
+    assert padded.img_size == 100
+    assert load_backbone("timm:resnet18?pretrained=false", img_size=100).img_size == 100
+
+
 def test_bad_timm_kwarg_is_a_backbone_error() -> None:
     with pytest.raises(BackboneError, match="no_such_option"):
         load_backbone(f"{TINY}&no_such_option=3")

@@ -67,6 +67,7 @@ def load_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model, name, data_config = _build(parsed, size, arch, keep_head)
+    _check_patch_grid(model, data_config.input_size[-1], spec)
     model.requires_grad_(False)
     model.eval()
     return Backbone(model=model, spec=spec.strip(), arch=name, data_config=data_config)
@@ -88,6 +89,24 @@ def _build(
         name = entry.arch
         data_config = _zoo_data_config(entry, size)
     return model, name, data_config
+
+
+def _check_patch_grid(model: nn.Module, size: int, spec: str) -> None:
+    """Refuse an image size that the patch size does not divide: the patch embedding would
+    silently drop the last ``size % patch`` rows and columns of every image."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if not isinstance(patch, tuple | list) or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    bad = [int(p) for p in patch if int(p) > 0 and size % int(p)]
+    if bad:
+        p = bad[0]
+        lower, upper = size // p * p, (size // p + 1) * p
+        raise BackboneError(
+            f"Image size {size} is not a multiple of the patch size {p} of {spec.strip()!r}: "
+            f"the last {size % p} pixel rows and columns of every image would be dropped. Use "
+            f"img_size={lower} or {upper}."
+        )
 
 
 def _merge_img_size(parsed: BackboneSpec, img_size: int | None) -> int | None:
