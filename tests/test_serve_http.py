@@ -363,6 +363,36 @@ def test_cli_rejects_malformed_task_options():
     assert "NAME=DIR" in result.output
 
 
+def test_cli_limits_reach_the_server_and_are_checked(monkeypatch):
+    """--max-images/--max-queue/--max-megapixels reach the settings and the model; a request
+    limit above the queue limit (never admissible) is refused before anything loads."""
+    import typer
+
+    import vprompt.serve as serve
+    from vprompt.cli.serve import register
+
+    seen = {}
+
+    def fake_load(tasks, backbone=None, device="cpu", max_pixels=None):
+        seen["max_pixels"] = max_pixels
+        return "model", {}
+
+    monkeypatch.setattr(serve, "load_multitask", fake_load)
+    monkeypatch.setattr(serve, "run_server", lambda model, settings, **kw: seen.update(s=settings))
+    app = typer.Typer()
+    register(app)
+    args = ["--task", "a=/x", "--max-images", "8", "--max-queue", "16", "--max-megapixels", "2.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (seen["s"].max_images, seen["s"].max_queue, seen["max_pixels"]) == (8, 16, 2_500_000)
+    seen.clear()
+    result = CliRunner().invoke(
+        app, ["--task", "a=/x", "--max-images", "300", "--max-queue", "100"]
+    )
+    assert result.exit_code == 2 and not seen  # a usage error
+    assert "max_images (300) is above max_queue (100)" in result.output
+
+
 def test_cli_imports_and_explains_without_serve_extra(monkeypatch):
     """With FastAPI and uvicorn missing, the CLI and `vprompt.serve` still import, and the
     command names the extra to install."""

@@ -41,6 +41,13 @@ def serve_command(
         float, Opt(min=0.0, help="Milliseconds to wait for more images after a batch's first.")
     ] = 5.0,
     max_body_mb: Annotated[float, Opt(min=0.001, help="Largest request body (MiB).")] = 10.0,
+    max_images: Annotated[int, Opt(min=1, help="Most images in one predict request.")] = 256,
+    max_queue: Annotated[
+        int, Opt(min=1, help="Most images waiting for the model (more: 503, retry later).")
+    ] = 1024,
+    max_megapixels: Annotated[
+        float, Opt(min=0.001, help="Largest image, in millions of pixels (larger: 400).")
+    ] = 40.0,
     backbone: Annotated[
         str | None, Opt(help="Backbone spec (default: the first readable task's).")
     ] = None,
@@ -65,13 +72,22 @@ def serve_command(
         require_serve_extra()
         configure_logging(log_level)
         settings = ServeSettings(
-            max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_body_mb=max_body_mb,
+            max_images=max_images,
+            max_queue=max_queue,
         )
         if threads is not None:
             import torch
 
             torch.set_num_threads(threads)
-        model, refused = load_multitask(tasks, backbone=backbone, device=_device(device))
+        model, refused = load_multitask(
+            tasks,
+            backbone=backbone,
+            device=_device(device),
+            max_pixels=int(max_megapixels * 1_000_000),
+        )
         run_server(
             model,
             host=host,

@@ -412,6 +412,7 @@ def load_multitask(
     tasks: Mapping[str, str | os.PathLike],
     backbone: Backbone | str | None = None,
     device: str | torch.device = "cpu",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[MultiTaskModel, dict[str, str]]:
     """Load task directories onto one backbone; a task that cannot be served is refused alone.
 
@@ -419,13 +420,14 @@ def load_multitask(
         tasks: task name -> task directory.
         backbone: a loaded backbone, a spec, or None for the first readable task's spec.
         device: where to run.
+        max_pixels: largest image (width x height) the model decodes.
 
     Returns:
         The model and the refused tasks (name -> reason); each refusal is also logged.
     """
     if not isinstance(backbone, Backbone):
         backbone = load_shared_backbone(tasks, backbone)
-    model = MultiTaskModel(backbone, device=device)
+    model = MultiTaskModel(backbone, device=device, max_pixels=max_pixels)
     refused: dict[str, str] = {}
     for name, directory in tasks.items():
         try:

@@ -40,3 +40,8 @@ class ServeSettings:
             raise ConfigError(f"serve: max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_body_mb <= 0:
             raise ConfigError(f"serve: max_body_mb must be > 0, got {self.max_body_mb}")
+        if self.max_images > self.max_queue:
+            raise ConfigError(
+                f"serve: max_images ({self.max_images}) is above max_queue ({self.max_queue}): "
+                "a request that large could never be queued. Raise max_queue or lower max_images."
+            )
