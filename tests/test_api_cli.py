@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 import vprompt
@@ -67,6 +68,22 @@ def test_version_flag():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert vprompt.__version__ in result.output
+
+
+@pytest.mark.parametrize(("error", "status"), [("DataError", 1), ("ConfigError", 2)])
+def test_entry_point_turns_a_library_error_into_one_line(monkeypatch, capsys, error, status):
+    """An error a command lets through exits like `cli_errors` would: 2 bad option, 1 other."""
+    import vprompt.cli as cli
+    import vprompt.errors
+
+    def fail(**kwargs):
+        raise getattr(vprompt.errors, error)("the reason")
+
+    monkeypatch.setattr(cli, "app", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == status
+    assert "error: the reason" in capsys.readouterr().err
 
 
 def test_command_and_package_start_without_torch():

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from vprompt._version import __version__
-from vprompt.errors import VPromptError
+from vprompt.errors import ConfigError, VPromptError
 
 app = typer.Typer(
     name="vprompt",
@@ -51,9 +51,10 @@ for _module in _COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script: library errors become one clear line and exit code 2."""
+    """Entry point of the console script: a library error a command let through becomes one
+    clear line and the exit status of `vprompt.cli.train.cli_errors` (2 bad option, 1 other)."""
     try:
         app(args=argv, standalone_mode=True)
     except VPromptError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)

@@ -41,10 +41,11 @@ def inspect(
     merge_train_val: Annotated[bool, typer.Option(help="Train on train + val.")] = False,
 ) -> None:
     """Print split sizes and per-class counts, and write a PNG grid of sample images."""
+    from vprompt.cli.train import cli_errors
     from vprompt.data import build_splits
 
     console = Console()
-    try:
+    with cli_errors():
         splits = build_splits(
             spec,
             train_size=train_size,
@@ -64,9 +65,6 @@ def inspect(
         console.print(count_table(splits))
         console.print(f"source: {splits.layout}", highlight=False, soft_wrap=True)
         path = save_grid(shown, out, per_class, seed, max_classes, title=f"{spec} - {split}")
-    except DataError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
     console.print(f"wrote {path}", highlight=False)
 
 

