@@ -180,6 +180,12 @@ def test_scripted_tie_goes_to_the_smaller_lr_and_wd(tmp_path: Path) -> None:
 
     result = sweep(tmp_path, ScriptedRunner(flat), lrs="2.5,0.5,1", wds="0.01,0.001", seeds=1)
     assert result.choice == GridPoint(0.5, 0.001)
+    # one seed measures no spread: no "± 0.00" that reads as a stable result, null in JSON
+    line, pct = result.summary_line(), f"{100 * result.test_mean:.2f}%"
+    assert f"test {pct} over 1 seed(s)" in line and "±" not in line
+    assert f"**{pct}** over 1 seed(s)" in (tmp_path / "out" / "summary.md").read_text()
+    test = json.loads((tmp_path / "out" / "summary.json").read_text())["test"]
+    assert test["std"] is None and test["mean"] == pytest.approx(result.test_mean)
 
 
 # ------------------------------------------------------------------------- protocol order

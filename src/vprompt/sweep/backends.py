@@ -175,10 +175,11 @@ class RayBackend:
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
-                # Ray starts workers at nice 15 (background work next to a driver); here the
-                # trials ARE the work, and at nice 15 any other busy process on the machine
-                # starves them. A new local instance's workers get this process's niceness.
-                _system_config={"worker_niceness": os.nice(0)} if address == "local" else None,
+                # Ray raises its workers' niceness by 15 (background work next to a driver);
+                # here the trials ARE the work, and at +15 any other busy process on the
+                # machine starves them. The raylet inherits this process's niceness and the
+                # setting is an increment over it: 0 keeps the workers at the driver's.
+                _system_config={"worker_niceness": 0} if address == "local" else None,
             )
             self._started = True
         cpus = self.cpus_per_trial or float(threads_per_worker(self.workers))

@@ -23,6 +23,7 @@ from typing import Any
 from vprompt.errors import ConfigError
 from vprompt.sweep.backends import Backend, LocalBackend
 from vprompt.sweep.grids import GridPoint, choose
+from vprompt.sweep.report import finite_or_none, pct_spread
 from vprompt.sweep.runner import EngineRunner, FinalRun, TrialRunner
 from vprompt.sweep.search import Searcher
 from vprompt.sweep.spec import SweepSpec, check_validation_epochs
@@ -92,8 +93,8 @@ class SweepResult:
 
     @property
     def test_std(self) -> float:
-        """Sample standard deviation over seeds (0 for one seed)."""
-        return statistics.stdev(self.test) if len(self.finals) > 1 else 0.0
+        """Sample standard deviation over seeds (NaN for fewer than two: no spread measured)."""
+        return statistics.stdev(self.test) if len(self.finals) > 1 else math.nan
 
     @property
     def trial_epochs(self) -> int:
@@ -111,10 +112,8 @@ class SweepResult:
         spent = f"{self.trial_epochs}/{self.grid_trial_epochs} trial-epochs"
         frac = self.trial_epochs / max(self.grid_trial_epochs, 1)
         test = (
-            (
-                f"test {100 * self.test_mean:.2f} ± {100 * self.test_std:.2f}% over "
-                f"{len(self.finals)} seed(s)"
-            )
+            f"test {pct_spread(self.test_mean, self.test_std, len(self.finals))}% over "
+            f"{len(self.finals)} seed(s)"
             if self.finals
             else "no final runs (--seeds 0)"
         )
@@ -146,8 +145,8 @@ class SweepResult:
             "rule": TIE_RULE,
             "choice": {"lr": self.choice.lr, "wd": self.choice.wd, "val_top1": self.choice_val},
             "test": {
-                "mean": self.test_mean if self.finals else None,
-                "std": self.test_std if self.finals else None,
+                "mean": finite_or_none(self.test_mean),
+                "std": finite_or_none(self.test_std),
                 "std_kind": "sample (n-1)",
                 "per_seed": [
                     {

@@ -21,6 +21,19 @@ def pct(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
 
 
+def pct_spread(mean: float, std: float, seeds: int) -> str:
+    """``84.40 ± 0.10`` over several seeds; ``84.40`` over one (no spread was measured, and
+    ``± 0.00`` would read as a stable result); ``-`` over none."""
+    if seeds == 0:
+        return "-"
+    return pct(mean) if seeds == 1 else f"{pct(mean)} ± {pct(std)}"
+
+
+def finite_or_none(x: float) -> float | None:
+    """A number for JSON: NaN (no value) becomes null, which every JSON reader accepts."""
+    return x if math.isfinite(x) else None
+
+
 def trial_rows(result: SweepResult) -> list[dict[str, Any]]:
     """One JSON-able row per grid point."""
     rows = []
@@ -79,9 +92,14 @@ def summary_markdown(result: SweepResult) -> str:
         f"{d['grid']['source']}",
         f"- chosen: lr {result.choice.lr:g}, wd {result.choice.wd:g} "
         f"(val top-1 {pct(result.choice_val)}%; rule: {d['rule']})",
-        f"- test top-1 on train + val retraining: **{pct(result.test_mean)} ± "
-        f"{pct(result.test_std)}%** over {len(result.finals)} seed(s) (sample std), all on the "
-        f"images of data seed {d['data_seed']}",
+        (
+            f"- test top-1 on train + val retraining: "
+            f"**{pct_spread(result.test_mean, result.test_std, len(result.finals))}%** over "
+            f"{len(result.finals)} seed(s) (sample std), all on the images of data seed "
+            f"{d['data_seed']}"
+            if result.finals
+            else "- test top-1: no final runs (--seeds 0)"
+        ),
         f"- compute: {result.trial_epochs} trial-epochs of {result.grid_trial_epochs} for the "
         f"full grid ({100 * d['compute']['fraction']:.1f}%)",
         f"- storage: `{result.storage}`, study `{result.study}`",

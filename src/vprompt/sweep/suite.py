@@ -31,6 +31,7 @@ import yaml
 
 from vprompt.errors import ConfigError
 from vprompt.sweep.protocol import SweepResult, run_sweep
+from vprompt.sweep.report import finite_or_none, pct_spread
 from vprompt.sweep.spec import SweepSpec
 
 DEFAULT_GROUP = "all"
@@ -225,8 +226,8 @@ class SuiteResult:
                     else {
                         "group": d.group,
                         "data": d.spec,
-                        "test_mean": r.test_mean,
-                        "test_std": r.test_std,
+                        "test_mean": finite_or_none(r.test_mean),
+                        "test_std": finite_or_none(r.test_std),
                         "seeds": len(r.finals),
                         "lr": r.choice.lr,
                         "wd": r.choice.wd,
@@ -281,7 +282,7 @@ class SuiteResult:
             "Mean = mean over datasets; group mean = mean over the group's datasets; mean of "
             "groups = mean of the group means (each group weighs the same; papers use either).",
             "",
-            "| method | dataset | group | lr | wd | val top-1 | test top-1 (mean ± std) "
+            "| method | dataset | group | lr | wd | val top-1 | test top-1 (mean ± sample std) "
             "| seeds | search trial-epochs |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
@@ -289,7 +290,7 @@ class SuiteResult:
             group = next(d.group for d in self.datasets if d.name == name)
             lines.append(
                 f"| {m} | {name} | {group} | {r.choice.lr:g} | {r.choice.wd:g} | "
-                f"{_p2(r.choice_val)} | {_p2(r.test_mean)} ± {_p2(r.test_std)} | "
+                f"{_p2(r.choice_val)} | {pct_spread(r.test_mean, r.test_std, len(r.finals))} | "
                 f"{len(r.finals)} | {r.trial_epochs}/{r.grid_trial_epochs} |"
             )
         return "\n".join(lines) + "\n"
