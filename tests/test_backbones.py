@@ -232,7 +232,7 @@ def test_timm_pretrained_offline_fails_fast(monkeypatch, tmp_path) -> None:
     with pytest.raises(BackboneError) as info:
         load_backbone(f"timm:{ARCH}")
     elapsed = time.monotonic() - start
-    assert elapsed < 10, f"offline failure took {elapsed:.1f} s"
+    assert elapsed < 60, f"offline failure took {elapsed:.1f} s"  # not minutes of retries
     msg = str(info.value)
     assert f"file:PATH#{ARCH}" in msg and "zoo:NAME" in msg and "pretrained=false" in msg
     assert "HF_HUB_OFFLINE" in msg
@@ -249,7 +249,7 @@ def test_timm_pretrained_unreachable_hub_fails_fast(monkeypatch, tmp_path) -> No
     start = time.monotonic()
     with pytest.raises(BackboneError, match="unreachable") as info:
         load_backbone(f"timm:{ARCH}")
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # not minutes of retries
     assert f"file:PATH#{ARCH}" in str(info.value)
     assert hf_constants.HF_HUB_OFFLINE is False  # offline mode was only forced for the call
 

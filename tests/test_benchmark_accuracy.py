@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmarks import accuracy  # the repository root is on pytest's pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not part of the package
-    sys.path.insert(0, str(ROOT))
 
-from benchmarks import accuracy  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEM = "accuracy.quick"

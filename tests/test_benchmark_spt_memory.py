@@ -22,7 +22,13 @@ def test_spt_memory_quick(tmp_path: Path) -> None:
 
     cmd = [sys.executable, "-m", "benchmarks.spt_memory", "--quick", "--out", str(tmp_path)]
     done = subprocess.run(
-        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=540, check=False
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root: `benchmarks` imports
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "spt_memory.quick.json").read_text())

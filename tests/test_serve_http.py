@@ -313,7 +313,7 @@ def test_bounded_load_mixed_tasks(server):
     clients, total, limit = 8, 64, 60.0
     names = list(TASKS)
     blobs = [p.read_bytes() for p in server.images]
-    before = httpx.get(f"{server.url}/metrics").json()
+    before = httpx.get(f"{server.url}/metrics", timeout=60).json()
     failures: list[str] = []
     counter = iter(range(total))
     lock = threading.Lock()
@@ -343,7 +343,7 @@ def test_bounded_load_mixed_tasks(server):
         t.start()
     for t in threads:
         t.join(limit + 10)
-    after = httpx.get(f"{server.url}/metrics").json()
+    after = httpx.get(f"{server.url}/metrics", timeout=60).json()
     assert not failures, failures[:5]
     assert next(counter, None) is None, "the load test ran out of time"
     assert after["images"] - before["images"] == total

@@ -523,7 +523,7 @@ def test_serving_benchmark_quick(tmp_path):
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # two processes import torch, a server starts: ~1 min, more on a busy machine
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "serving.quick.json").read_text())

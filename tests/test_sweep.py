@@ -749,6 +749,7 @@ def test_engine_halving_pause_resume_matches_uninterrupted_training(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
+@pytest.mark.usefixtures("single_thread")  # as Ray's 1-CPU trials: equal logits, not near-equal
 def test_ray_backend_runs_the_same_trials_as_local(tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="ray[tune] is not installed (pip install 'vprompt[ray]')")
     from vprompt.sweep import RayBackend
