@@ -105,6 +105,11 @@ def test_option_values_are_typed() -> None:
     kw = parse_backbone_spec("timm:x?a=1&b=-2.5&c=TRUE&d=off&e=none&f=avg").kwargs
     assert kw == {"a": 1, "b": -2.5, "c": True, "d": False, "e": None, "f": "avg"}
     assert type(kw["a"]) is int and type(kw["b"]) is float
+    # plain decimal numbers only: Python's int()/float() extras stay strings (and round-trip)
+    kw = parse_backbone_spec("timm:x?a=1_0&b=nan&c=inf&d=1e-3&e=.5&f=+3").kwargs
+    assert kw == {"a": "1_0", "b": "nan", "c": "inf", "d": 0.001, "e": 0.5, "f": 3}
+    parsed = parse_backbone_spec("timm:x?a=1_0&b=nan&d=1e-3")
+    assert parse_backbone_spec(str(parsed)) == parsed
 
 
 @pytest.mark.parametrize(

@@ -162,12 +162,17 @@ def parse_option_value(raw: str) -> OptionValue:
         return False
     if low in ("none", "null"):
         return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
+    # plain decimal numbers only: Python's int()/float() also take "1_0" (10), "nan" and
+    # "inf", which would not print back as the spec the user wrote
+    if _INT.fullmatch(raw):
+        return int(raw)
+    if _FLOAT.fullmatch(raw):
+        return float(raw)
     return raw
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _build_spec(
