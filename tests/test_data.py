@@ -260,6 +260,14 @@ def test_symlinks_csv_and_sub_folders(tmp_path: Path) -> None:
     assert splits.class_counts()["train"] == [2, 3]  # cat, dog (1 + 2 linked)
 
 
+def test_one_class_is_refused_with_the_layout(tmp_path: Path) -> None:
+    """Every image in one sub-folder (photos/images/*.png) read as a 1-class dataset, and
+    training on it reported 100%."""
+    class_tree(tmp_path / "photos", {"images": 4})
+    with pytest.raises(DataError, match=r"1 class \('images'\).*at least 2.*one sub-folder"):
+        build_splits(f"folder:{tmp_path / 'photos'}?val=0&test=0")
+
+
 def test_class_named_train_in_one_class_tree(tmp_path: Path) -> None:
     class_tree(tmp_path, {"bus": 3, "train": 3})  # a class folder called train (CIFAR-100 has one)
     splits = build_splits(f"folder:{tmp_path}?val=0&test=0")
@@ -491,8 +499,11 @@ def test_bad_interpolation_and_augment() -> None:
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
 def test_grayscale_and_other_modes_become_rgb(tmp_path: Path, mode: str) -> None:
     path = write_image(tmp_path / "a" / ("x.tiff" if mode == "CMYK" else "x.png"), mode=mode)
+    write_image(tmp_path / "b" / "y.png")  # a second class (one class is refused)
     splits = build_splits(f"folder:{tmp_path}?val=0&test=0", img_size=8)
-    assert to_rgb(splits.train.records.load(0)).mode == "RGB"
+    first = splits.train.records.load(0)
+    assert first.mode == mode  # the image under test comes first
+    assert to_rgb(first).mode == "RGB"
     assert splits.train[0][0].shape == (3, 8, 8)
     assert path.exists()
 

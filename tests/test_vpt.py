@@ -222,7 +222,8 @@ def test_int_for_a_float_option_becomes_a_float():
         (2, ["cat", "cat"], r"distinct.*\['cat'\]"),
         (2, ["cat"], "1 class names given for num_classes=2"),
         (2, ["cat", 3], "must be strings"),
-        (0, None, "num_classes must be an integer >= 1"),
+        (0, None, "num_classes must be an integer >= 2"),
+        (1, None, "num_classes must be an integer >= 2"),
     ],
 )
 def test_class_names_are_checked_at_attach_and_reset(num_classes, names, message):

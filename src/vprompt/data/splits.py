@@ -140,6 +140,7 @@ def build_splits(
     sizes: dict[str, int | None] = {"train": train_size, "val": val_size, "test": test_size}
     _check_sizes(sizes)
     source = load_source(parsed)
+    _check_classes(source, parsed)
     _check_fraction_options(parsed, source)
     pools = source.pools()
     skipped: dict[str, list[str]] = {}
@@ -286,6 +287,19 @@ def _warn_overlap(chosen: dict[str, ImageRecords], spec: str) -> None:
             len(shared),
             shared[0],
         )
+
+
+def _check_classes(source: SourceSplits, spec: DataSpec) -> None:
+    """A classifier needs two classes: one means the layout was misread (typically every image
+    in one sub-folder), and training on it would report a meaningless 100%."""
+    if len(source.class_names) >= 2:
+        return
+    found = ", ".join(repr(n) for n in source.class_names) or "none"
+    raise DataError(
+        f"{spec.text} has {len(source.class_names)} class ({found}); classification needs at "
+        f"least 2. Layout read: {source.layout}. A folder dataset needs one sub-folder per class "
+        "(ROOT/CLASS/IMAGE or ROOT/SPLIT/CLASS/IMAGE); see docs/data.md."
+    )
 
 
 def _to_splits(

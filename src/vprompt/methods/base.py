@@ -266,8 +266,11 @@ def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
 def _class_names(num_classes: int, class_names: list[str] | None) -> list[str]:
     """The head's class names (``"0"``, ``"1"``... when none are given), checked: one distinct
     string per class."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(
+            f"num_classes must be an integer >= 2 (a classifier over one class learns "
+            f"nothing), got {num_classes!r}"
+        )
     if not class_names:
         return [str(i) for i in range(num_classes)]
     names = list(class_names)
