@@ -775,7 +775,7 @@ class Monitor:
     def __init__(self, total: int) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, emoji=False)
         self.progress: Any = None
         self.total = total
         self.bars: dict[str, Any] = {}

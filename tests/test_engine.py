@@ -715,3 +715,15 @@ def test_fit_prepares_spt_once_and_never_over_loaded_prompts(
     assert not loaded.method.needs_prepare  # loaded prompts are SPT prompts already
     loaded.method.prepare = lambda *a, **k: pytest.fail("loaded SPT prompts re-initialised")
     fit(loaded, splits, cfg)
+
+
+def test_reporter_prints_user_text_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    """Dataset specs and paths are user text: ``folder:one:`` is not an emoji code, ``[b]`` is
+    not markup (rich turned 'data folder:one: 3 classes' into a 1-keycap emoji)."""
+    from vprompt.engine.progress import Reporter
+
+    reporter = Reporter()
+    reporter.info("data folder:one: 3 classes [b]x[/b]")
+    reporter.warn("folder:cat:dog:")
+    err = capsys.readouterr().err
+    assert "data folder:one: 3 classes [b]x[/b]" in err and "warning: folder:cat:dog:" in err

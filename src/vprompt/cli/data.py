@@ -44,7 +44,7 @@ def inspect(
     from vprompt.cli.train import cli_errors
     from vprompt.data import build_splits
 
-    console = Console()
+    console = Console(emoji=False)
     with cli_errors():
         splits = build_splits(
             spec,

