@@ -193,6 +193,8 @@ def test_img_size_not_a_multiple_of_the_patch_is_refused() -> None:
     """100 px on 16 px patches would drop the last 4 pixel rows/columns of every image."""
     with pytest.raises(BackboneError, match=r"not a multiple of the patch size 16.*96 or 112"):
         load_backbone(TINY, img_size=100)
+    with pytest.raises(BackboneError, match=r"dropped\. Use img_size=16\.$"):  # not 0
+        load_backbone(TINY, img_size=8)
     padded = load_backbone(f"{TINY}&dynamic_img_pad=true", img_size=100)  # timm pads instead
     assert padded.img_size == 100
     assert load_backbone("timm:resnet18?pretrained=false", img_size=100).img_size == 100

@@ -102,10 +102,11 @@ def _check_patch_grid(model: nn.Module, size: int, spec: str) -> None:
     if bad:
         p = bad[0]
         lower, upper = size // p * p, (size // p + 1) * p
+        valid = f"img_size={lower} or {upper}" if lower else f"img_size={upper}"
         raise BackboneError(
             f"Image size {size} is not a multiple of the patch size {p} of {spec.strip()!r}: "
             f"the last {size % p} pixel rows and columns of every image would be dropped. Use "
-            f"img_size={lower} or {upper}."
+            f"{valid}."
         )
 
 
