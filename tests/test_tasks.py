@@ -89,6 +89,26 @@ def test_fingerprint_mismatch_is_refused_naming_both(tmp_path):
     assert other.fingerprint in str(e.value)
 
 
+def test_file_backbone_at_another_size_or_changed_is_named_as_such(tmp_path):
+    """The same file: spec at another image size names the size (not a fingerprint clash of
+    two identical specs); the same spec whose file changed says the weights changed."""
+    from safetensors.torch import save_file
+
+    from vprompt.backbones import load_backbone
+
+    ckpt = tmp_path / "vit.safetensors"
+    save_file(tiny_backbone(seed=0).model.state_dict(), str(ckpt))
+    spec = f"file:{ckpt}#vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2"
+    bb = load_backbone(spec)
+    assert bb.img_size == 32
+    trained("vpt-deep", bb).save_task(tmp_path / "task")
+    with pytest.raises(TaskError, match=r"trained at 32 px.*img_size=32"):
+        load_task(tmp_path / "task", backbone=load_backbone(spec, img_size=64))
+    save_file(tiny_backbone(seed=1).model.state_dict(), str(ckpt))  # the file is replaced
+    with pytest.raises(TaskError, match="the spec is the same, so the weights it names have"):
+        load_task(tmp_path / "task", backbone=load_backbone(spec))
+
+
 def test_same_weights_with_other_preprocessing_are_refused(tmp_path):
     """Same fingerprint, other normalisation (deit vs vit configs of one network): the task's
     predictions would change, so it is refused rather than served differently."""

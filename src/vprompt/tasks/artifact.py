@@ -179,17 +179,26 @@ def load_task(
 
 def check_backbone(info: TaskInfo, backbone: Backbone, directory: str | os.PathLike = "") -> None:
     """Refuse a backbone whose weights differ from those the task was trained on."""
-    if backbone.fingerprint != info.backbone_fingerprint:
-        raise TaskError(
-            f"task {directory} was trained on backbone '{info.backbone_spec}' ({info.backbone_arch}, "
-            f"fingerprint {info.backbone_fingerprint}) but the given backbone is '{backbone.spec}' "
-            f"({backbone.arch}, fingerprint {backbone.fingerprint}); load the task with the backbone "
-            "it was trained on"
-        )
+    # the size first: a ViT's position table is resampled to the image size, so a backbone at
+    # another size also has another fingerprint, and the size is what the user must change
     if backbone.img_size != info.img_size:
         raise TaskError(
             f"task {directory} was trained at {info.img_size} px but the backbone is set up for "
             f"{backbone.img_size} px; load the backbone with img_size={info.img_size}"
+        )
+    if backbone.fingerprint != info.backbone_fingerprint:
+        same_spec = backbone.spec == info.backbone_spec
+        raise TaskError(
+            f"task {directory} was trained on backbone '{info.backbone_spec}' ({info.backbone_arch}, "
+            f"fingerprint {info.backbone_fingerprint}) but the given backbone is '{backbone.spec}' "
+            f"({backbone.arch}, fingerprint {backbone.fingerprint}); "
+            + (
+                "the spec is the same, so the weights it names have changed since training "
+                "(another checkpoint file or package version); load the task with the weights "
+                "it was trained on"
+                if same_spec
+                else "load the task with the backbone it was trained on"
+            )
         )
     options = _option_differences(info.backbone_spec, backbone.spec)
     if options:
