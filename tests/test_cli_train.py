@@ -16,9 +16,11 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import vprompt
 from conftest import subprocess_env
 from vprompt.cli import app
 from vprompt.engine.rundir import read_jsonl
+from vprompt.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -473,6 +475,22 @@ def test_eval_and_predict_refuse_bad_numbers_and_empty_inputs(
     (tmp_path / "somefile").write_text("x")
     r = invoke("eval", task, "--data", tiny_data_spec, "--out", tmp_path / "somefile")
     assert r.exit_code == 2 and "is a file" in r.stderr
+    # a file on the path of an output folder: one line naming it, from every command
+    below = tmp_path / "somefile" / "sub"
+    for argv in (
+        ["eval", task, "--data", tiny_data_spec, "--out", below],
+        ["train", "--backbone", tiny_vit_spec, "--data", tiny_data_spec, "--method", "linear",
+         "--out", below],
+        ["sweep", "--backbone", tiny_vit_spec, "--data", tiny_data_spec, "--method", "linear",
+         "--lr", "0.1", "--wd", "0", "--out", below],
+        ["data", "inspect", tiny_data_spec, "--out", below / "grid.png"],
+    ):  # fmt: skip
+        r = invoke(*argv)
+        assert r.exit_code == 2, (argv, r.output)
+        assert f"{tmp_path / 'somefile'} is a file, not a folder" in r.stderr, argv
+        assert "Traceback" not in r.output
+    with pytest.raises(ConfigError, match=r"task directory .* is a file, not a folder"):
+        vprompt.load_task(task).save_task(tmp_path / "somefile")
     (tmp_path / "empty").mkdir()
     r = invoke("predict", task, tmp_path / "empty")
     assert r.exit_code != 0 and "no images found" in r.stderr

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vprompt._paths import make_dir
 from vprompt.data.dataset import ImageDataset
 from vprompt.errors import DataError
 
@@ -98,7 +99,7 @@ def save_grid(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "--out folder")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

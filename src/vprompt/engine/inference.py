@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vprompt._atomic import atomic_write_text
+from vprompt._paths import check_dir_target, make_dir
 from vprompt.engine.distributed import DistInfo, pick_device
 from vprompt.engine.evaluate import predict_split, save_confusion_png, summarize
 from vprompt.engine.progress import Reporter
@@ -103,8 +104,7 @@ def evaluate_task(
 
     _check_counts(batch_size=batch_size, size=size, workers=workers)
     out_dir = Path(out) if out is not None else default_eval_dir(Path(task_dir), split)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file; give a folder for metrics.json")
+    check_dir_target(out_dir, "--out")  # before any work: a file on the path, no permission
     model = load_task_model(task_dir, device, backbone)
     info = model.backbone_info
     if seed is None:
@@ -139,7 +139,7 @@ def evaluate_task(
         )
     metrics = summarize(pred, list(model.class_names))
     report = {"task": str(task_dir), "data": data, "split": split, **metrics}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "--out")
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     save_confusion_png(
         metrics["confusion"],

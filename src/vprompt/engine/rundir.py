@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vprompt._atomic import atomic_write, atomic_write_text
+from vprompt._paths import check_dir_target, make_dir
 from vprompt.engine.checkpoint import CHECKPOINT, CHECKPOINT_INFO, save_checkpoint
 from vprompt.errors import ConfigError
 
@@ -71,8 +72,7 @@ class RunDir:
                 write (``overwrite`` replaces run directories only, and only whole).
         """
         p = self.path
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"--out {p} is a file; give a directory path")
+        check_dir_target(p, "--out")
         if not (p.is_dir() and any(p.iterdir())):
             return
         if not overwrite:
@@ -101,7 +101,7 @@ class RunDir:
         self.check_target(overwrite)
         if self.path.is_dir() and any(self.path.iterdir()):
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path, "--out")
 
     def write_config(self, text: str) -> None:
         atomic_write_text(self.path / CONFIG, text)

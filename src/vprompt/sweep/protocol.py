@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vprompt._paths import make_dir
 from vprompt.errors import ConfigError
 from vprompt.sweep.backends import Backend, LocalBackend
 from vprompt.sweep.grids import GridPoint, choose
@@ -198,8 +199,7 @@ def run_sweep(
     from vprompt.sweep.report import write_reports, write_search_reports
 
     start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out, "--out")
     log = log or (lambda _msg: None)
     backend = backend or LocalBackend()
     runner = runner or EngineRunner()

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from vprompt._paths import make_dir
 from vprompt.errors import ConfigError
 from vprompt.sweep.protocol import SweepResult, run_sweep
 from vprompt.sweep.report import finite_or_none, pct_spread
@@ -336,8 +337,7 @@ def run_suite(
         raise ConfigError("the suite has no method: give --method NAME[,NAME...]")
     datasets = unique_names(datasets)
     specs = {(m, d.name): check_spec(make_spec(m, d.spec)) for m in methods for d in datasets}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out, "--out")
     log = log or (lambda _m: None)
     suite = SuiteResult(datasets, methods, out=out)
     for m in methods:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vprompt._atomic import atomic_write, atomic_write_text
+from vprompt._paths import make_dir
 from vprompt._version import __version__
 from vprompt.backbones.base import Backbone, DataConfig
 from vprompt.errors import TaskError, VPromptError
@@ -65,8 +66,7 @@ def save_task(model: PromptedModel, directory: str | os.PathLike, **extra: Any) 
     Returns:
         The directory.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(directory, "task directory")
     bb = model.backbone_info
     meta = {
         "format": FORMAT_VERSION,
