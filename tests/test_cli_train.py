@@ -175,7 +175,13 @@ def test_existing_run_dir_needs_overwrite(
     before = (tmp_path / "run" / "summary.json").read_text()
     r = invoke(*args)
     assert r.exit_code == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert f"--resume {tmp_path / 'run'}" in r.stderr  # it has a checkpoint to continue from
     assert (tmp_path / "run" / "summary.json").read_text() == before
+    stopped = tmp_path / "stopped"  # a start that failed before its first checkpoint
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("method: linear\n")
+    r = invoke(*train_args(tiny_vit_spec, tiny_data_spec, stopped, "--method", "linear"))
+    assert r.exit_code == 2 and "--resume" not in r.stderr and "no checkpoint" in r.stderr
     assert invoke(*args, "--overwrite").exit_code == 0
     other = tmp_path / "notes"
     other.mkdir()

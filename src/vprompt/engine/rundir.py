@@ -76,9 +76,15 @@ class RunDir:
         if not (p.is_dir() and any(p.iterdir())):
             return
         if not overwrite:
+            resumable = (p / CHECKPOINT).is_file()
             raise ConfigError(
                 f"run directory {p} already exists and is not empty; pass --overwrite to "
-                f"replace it, or `vprompt train --resume {p}` to continue it"
+                + (
+                    f"replace it, or `vprompt train --resume {p}` to continue it"
+                    if resumable
+                    else "replace it (it has no checkpoint to resume: a run there stopped "
+                    "before its first one, or it is not a run)"
+                )
             )
         if not is_run_dir(p):
             raise ConfigError(
