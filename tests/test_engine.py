@@ -110,6 +110,21 @@ def test_config_file_then_flags_precedence(tmp_path: Path) -> None:
     assert cfg.method_options == {"prompt_len": 9, "init": "normal"}
 
 
+def test_reused_run_config_rederives_its_default_warmup(tmp_path: Path) -> None:
+    """A run's config.yaml stores its resolved warm-up (0.2 for 2 epochs); reused with
+    --epochs 20 the default warm-up follows (2), an explicit one is kept."""
+    from vprompt.cli.train import option_values
+
+    f = tmp_path / "config.yaml"
+    f.write_text("backbone: b\ndata: d\nmethod: vpt-deep\nepochs: 2\nwarmup_epochs: 0.2\n")
+    assert resolve_config(option_values({"config": f, "epochs": 20})).warmup_epochs == 2
+    assert resolve_config(option_values({"config": f})).warmup_epochs == 0.2  # as stored
+    kept = option_values({"config": f, "epochs": 20, "warmup_epochs": 0.5})
+    assert resolve_config(kept).warmup_epochs == 0.5
+    f.write_text("backbone: b\ndata: d\nmethod: vpt-deep\nepochs: 2\nwarmup_epochs: 1\n")
+    assert resolve_config(option_values({"config": f, "epochs": 20})).warmup_epochs == 1  # chosen
+
+
 def test_bad_options_are_clear() -> None:
     with pytest.raises(ConfigError, match="unknown training option"):
         resolve_config({"backbone": "b", "data": "d", "method": "m", "epoch": 3})

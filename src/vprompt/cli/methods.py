@@ -50,7 +50,8 @@ def methods(
     name: str = typer.Argument(None, help="Show one method only."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List the tuning methods, their options and defaults."""
+    """List the tuning methods, their options and defaults, and their training defaults."""
+    from vprompt.engine.config import MAX_WARMUP_EPOCHS, WARMUP_FRACTION, method_defaults
     from vprompt.methods import get_method_class, list_methods
 
     names = [name] if name else list_methods()
@@ -66,6 +67,12 @@ def methods(
             table.add_column(col)
         for row in method_options(n):
             table.add_row(row["option"], row["type"], row["default"])
+        d = method_defaults(n)
+        table.caption = (
+            f"training defaults: {d.optimizer}, lr {d.lr:g}, wd {d.wd:g}, {d.epochs} epochs, "
+            f"warm-up {WARMUP_FRACTION:.0%} of them (at most {MAX_WARMUP_EPOCHS:g}); {d.source}"
+        )
+        table.caption_justify = "left"
         console.print(table)
 
 

@@ -98,6 +98,7 @@ def option_values(
         load_config_file,
         merge_options,
         parse_set_options,
+        rederive_warmup,
         split_set_options,
     )
 
@@ -112,7 +113,9 @@ def option_values(
     file_values = load_config_file(config) if config else {}
     if file_filter is not None:
         file_values = file_filter(file_values)
-    return merge_options(file_values, {**given, **training, "method_options": method_options})
+    overrides = {**given, **training}
+    file_values = rederive_warmup(file_values, overrides)
+    return merge_options(file_values, {**overrides, "method_options": method_options})
 
 
 Opt = typer.Option

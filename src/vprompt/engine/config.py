@@ -336,6 +336,28 @@ def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def rederive_warmup(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config file's default warm-up follows new ``epochs`` given on top of it.
+
+    A run's ``config.yaml`` stores the warm-up it resolved (10 % of its epochs); reused with
+    other epochs, that number would no longer be the default the user expects. When the file's
+    warm-up is exactly the default for the file's epochs and the overrides change ``epochs``
+    but not ``warmup_epochs``, the warm-up is dropped so that it is derived again.
+    """
+    epochs, warmup = file_values.get("epochs"), file_values.get("warmup_epochs")
+    new_epochs = overrides.get("epochs")
+    if (
+        new_epochs is None
+        or overrides.get("warmup_epochs") is not None
+        or not isinstance(epochs, int)
+        or warmup is None
+        or new_epochs == epochs
+        or warmup != default_warmup(epochs)
+    ):
+        return file_values
+    return {k: v for k, v in file_values.items() if k != "warmup_epochs"}
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML training config (the ``config.yaml`` of a run directory works too).
 
