@@ -101,7 +101,12 @@ def test_file_backbone_at_another_size_or_changed_is_named_as_such(tmp_path):
     spec = f"file:{ckpt}#vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2"
     bb = load_backbone(spec)
     assert bb.img_size == 32
-    trained("vpt-deep", bb).save_task(tmp_path / "task")
+    model = trained("vpt-deep", bb)
+    model.save_task(tmp_path / "task")
+    by_spec = load_task(tmp_path / "task", backbone=spec)  # a spec string, as load_multitask
+    x = torch.randn(2, 3, 32, 32)
+    assert by_spec.backbone_info.img_size == 32 and torch.equal(by_spec(x), model.eval()(x))
+    assert attach(spec, "linear", num_classes=2).backbone_info.fingerprint == bb.fingerprint
     with pytest.raises(TaskError, match=r"trained at 32 px.*img_size=32"):
         load_task(tmp_path / "task", backbone=load_backbone(spec, img_size=64))
     save_file(tiny_backbone(seed=1).model.state_dict(), str(ckpt))  # the file is replaced

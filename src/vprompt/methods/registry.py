@@ -44,11 +44,16 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
     return get_method_class(method).config_class.from_dict(options)
 
 
-def as_backbone(backbone: Backbone | nn.Module) -> Backbone:
-    """``backbone`` as a `Backbone`: a bare model is frozen, put in eval mode and described
-    (``module:ARCH``, its data config from ``pretrained_cfg``, its weights' fingerprint)."""
+def as_backbone(backbone: Backbone | nn.Module | str) -> Backbone:
+    """``backbone`` as a `Backbone`: a spec string is loaded (`load_backbone`); a bare model is
+    frozen, put in eval mode and described (``module:ARCH``, its data config from
+    ``pretrained_cfg``, its weights' fingerprint)."""
     if isinstance(backbone, Backbone):
         return backbone
+    if isinstance(backbone, str):
+        from vprompt.backbones import load_backbone
+
+        return load_backbone(backbone)
     if isinstance(backbone, nn.Module):
         for p in backbone.parameters():
             p.requires_grad_(False)
@@ -67,11 +72,14 @@ def as_backbone(backbone: Backbone | nn.Module) -> Backbone:
         )
         arch = cfg.get("architecture", type(backbone).__name__)
         return Backbone(model=backbone, spec=f"module:{arch}", arch=arch, data_config=data_config)
-    raise ConfigError(f"expected a vprompt Backbone or an nn.Module, got {type(backbone).__name__}")
+    raise ConfigError(
+        "expected a vprompt Backbone, a backbone spec string or an nn.Module, got "
+        f"{type(backbone).__name__}"
+    )
 
 
 def attach(
-    backbone: Backbone | nn.Module,
+    backbone: Backbone | nn.Module | str,
     method: str | MethodConfig,
     num_classes: int,
     class_names: list[str] | None = None,
@@ -80,7 +88,8 @@ def attach(
     """Attach a tuning method and a new head to a frozen backbone.
 
     Args:
-        backbone: a `Backbone` from `vprompt.load_backbone` (or a bare timm model).
+        backbone: a `Backbone` from `vprompt.load_backbone`, a spec string to load, or a bare
+            timm model.
         method: a registered method name (``'vpt-deep'``) or a config object.
         num_classes: classes of the downstream task.
         class_names: their names, stored with the task.

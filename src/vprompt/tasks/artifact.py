@@ -129,7 +129,7 @@ def read_task_info(directory: str | os.PathLike) -> TaskInfo:
 
 def load_task(
     directory: str | os.PathLike,
-    backbone: Backbone | nn.Module | None = None,
+    backbone: Backbone | nn.Module | str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> PromptedModel:
     """Rebuild a trained task.
@@ -137,7 +137,8 @@ def load_task(
     Args:
         directory: a folder written by `save_task`.
         backbone: the shared backbone to attach to (a `Backbone` or a bare timm model, as for
-            `attach`); loaded from the task's spec when None.
+            `attach`), or a spec to load (at the task's image size unless the spec sets one);
+            loaded from the task's own spec when None.
         map_location: device for the task's tensors.
 
     Returns:
@@ -150,10 +151,12 @@ def load_task(
     from vprompt.methods.registry import as_backbone, attach
 
     info = read_task_info(directory)
-    if backbone is None:
-        from vprompt.backbones import load_backbone
+    if backbone is None or isinstance(backbone, str):
+        from vprompt.backbones import load_backbone, parse_backbone_spec
 
-        backbone = load_backbone(info.backbone_spec, img_size=info.img_size)
+        spec = info.backbone_spec if backbone is None else backbone
+        own_size = backbone is not None and parse_backbone_spec(spec).img_size is not None
+        backbone = load_backbone(spec, img_size=None if own_size else info.img_size)
     backbone = as_backbone(backbone)
     check_backbone(info, backbone, directory)
     tensors_path = Path(directory) / TASK_TENSORS
