@@ -41,6 +41,7 @@ from vprompt.engine.optim import WarmupCosine, build_optimizer, param_groups
 from vprompt.engine.run import build_data, build_model
 from vprompt.engine.rundir import RunDir, read_jsonl
 from vprompt.engine.sampling import EpochBatches, global_batches, local_chunk, steps_per_epoch
+from vprompt.engine.trainer import fit_config
 from vprompt.errors import ConfigError, DataError, TrainingDiverged, TrainingError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -320,6 +321,32 @@ def _model_and_splits(values: dict[str, object]):
     bb = load_backbone(cfg.backbone, cfg.img_size)
     splits = build_data(cfg, bb)
     return cfg, build_model(cfg, bb, splits), splits
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_fit_as_documented_takes_a_dict_and_checks_the_model(
+    tiny_vit_spec: str, tiny_data_spec: str
+) -> None:
+    """`fit(model, splits, {"epochs": 1})` with a model from `attach` (docs/training.md): the
+    method's defaults fill the rest, the data's class names go to an unnamed head; a config
+    for another method, or a head for another number of classes, is refused before training."""
+    from vprompt import attach
+    from vprompt.data import build_splits
+
+    bb = load_backbone(tiny_vit_spec)
+    splits = build_splits(tiny_data_spec, data_config=bb.data_config, train_size=12)
+    model = attach(bb, "vpt-deep", num_classes=splits.num_classes, prompt_len=2)
+    result = fit(model, splits, {"epochs": 1, "batch_size": 4})
+    assert len(result.history) == 1 and model.class_names == splits.class_names
+    assert fit_config(model, splits, TrainConfig(epochs=1)).lr == 0.1  # vpt-deep's default
+    with pytest.raises(ConfigError, match=r"config is for method 'linear'.*attached with"):
+        fit(model, splits, {"method": "linear", "epochs": 1})
+    wrong = attach(bb, "vpt-deep", num_classes=10)
+    with pytest.raises(ConfigError, match="head has 10 classes but the data has 3"):
+        fit(wrong, splits, {"epochs": 1})
+    renamed = attach(bb, "linear", num_classes=3, class_names=["x", "y", "z"])
+    with pytest.raises(ConfigError, match=r"class names .* are not the data's"):
+        fit(renamed, splits, {"epochs": 1})
 
 
 @pytest.mark.parametrize("head_dropout", [0.0, 0.5])

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vprompt.engine.checkpoint import all_finite, rng_state, set_rng_state
-from vprompt.engine.config import TrainConfig
+from vprompt.engine.config import TrainConfig, resolve_config
 from vprompt.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -645,10 +645,52 @@ def check_resume_layout(
         )
 
 
+def fit_config(model: PromptedModel, splits: Any, cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
+    """The resolved config `fit` trains with, checked against the model and the data.
+
+    ``cfg`` may be a dict of options (``{"epochs": 12}``) or a `TrainConfig` with defaults
+    still unset; the method's defaults fill the rest, as for ``vprompt train``.
+
+    Raises:
+        ConfigError: the config names another method than the model's, or the head has another
+            number of classes (or other class names) than the data.
+    """
+    method = model.config.name
+    values = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
+    given = values.get("method") or method
+    if given != method:
+        raise ConfigError(
+            f"the config is for method {given!r} but the model was attached with {method!r}; "
+            "its recipe (optimizer, lr, epochs) would not be the method's. Drop 'method' from "
+            "the config or attach the method it names"
+        )
+    values.update(method=method, method_options=model.config.to_dict())
+    values["backbone"] = values.get("backbone") or model.backbone_info.spec
+    values["data"] = values.get("data") or getattr(splits, "spec", "") or "(in memory)"
+    resolved = resolve_config(values)
+    names = list(getattr(splits, "class_names", []) or [])
+    if names and len(names) != model.num_classes:
+        raise ConfigError(
+            f"the model's head has {model.num_classes} classes but the data has {len(names)} "
+            f"({', '.join(names[:5])}{'...' if len(names) > 5 else ''}); attach with "
+            "num_classes=splits.num_classes, class_names=splits.class_names"
+        )
+    if names and model.class_names != names:
+        default = [str(i) for i in range(model.num_classes)]
+        if model.class_names != default:
+            raise ConfigError(
+                f"the model's class names {model.class_names[:5]} are not the data's "
+                f"{names[:5]} (label i of the data is class_names[i]); attach with "
+                "class_names=splits.class_names"
+            )
+        model.class_names = names  # unnamed head: take the data's names (saved with the task)
+    return resolved
+
+
 def fit(
     model: PromptedModel,
     splits: Any,
-    cfg: TrainConfig,
+    cfg: TrainConfig | dict[str, Any],
     *,
     sink: RunSink | None = None,
     info: DistInfo | None = None,
@@ -662,7 +704,8 @@ def fit(
     Args:
         model: from `vprompt.attach` (its head and method freshly initialised, or restored).
         splits: `vprompt.data.DataSplits` (``train``, ``val``, ``test``, ``class_names``).
-        cfg: a resolved `TrainConfig`.
+        cfg: a `TrainConfig` or a dict of options; unset options take the method's defaults
+            (`fit_config`).
         sink: receives step and epoch records and checkpoints (a run directory).
         info: process layout (a single process on ``cfg.device`` when None).
         reporter: logging and progress bars.
@@ -681,6 +724,7 @@ def fit(
         TrainingDiverged: a NaN/inf loss or weights (the last good checkpoint is kept).
         TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
     """
+    cfg = fit_config(model, splits, cfg)
     info = info or DistInfo(device=pick_device(cfg.device))
     reporter = reporter or Reporter(enabled=info.is_main)
     if cfg.deterministic:
