@@ -65,6 +65,23 @@ def train_linear(backbone: str, data: str, run: Path) -> Path:
     return run
 
 
+def test_eval_defaults_to_the_subsample_training_reported(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    """`vprompt eval` on the task's own data evaluates the test subsample training reported
+    on (it evaluated the whole split: another number); --size past the split names --size."""
+    run = tmp_path / "run"
+    args = ["--method", "linear", "--epochs", "1", "--test-size", "6", "--quiet"]
+    assert invoke(*train_args(tiny_vit_spec, tiny_data_spec, run, *args)).exit_code == 0
+    trained = json.loads((run / "summary.json").read_text())["test"]
+    r = invoke("eval", run / "task", "--data", tiny_data_spec, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["n"] == 6 and report["top1"] == pytest.approx(trained["top1"])
+    r = invoke("eval", run / "task", "--data", tiny_data_spec, "--size", "500", "-q")
+    assert r.exit_code == 1 and "--size 500 but the test split" in r.stderr
+
+
 def test_train_eval_predict(
     tiny_vit_spec: str, tiny_data_spec: str, tiny_image_folder: Path, tmp_path: Path
 ) -> None:

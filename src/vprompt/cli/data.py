@@ -36,7 +36,9 @@ def inspect(
     train_size: Annotated[int | None, typer.Option(help="Subsample train to this size.")] = None,
     val_size: Annotated[int | None, typer.Option(help="Subsample val to this size.")] = None,
     test_size: Annotated[int | None, typer.Option(help="Subsample test to this size.")] = None,
-    seed: Annotated[int, typer.Option(help="Data seed (carving, subsampling, grid).")] = 0,
+    seed: Annotated[
+        int, typer.Option("--data-seed", "--seed", help="Data seed (carving, subsampling, grid).")
+    ] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Drop unreadable images up front.")] = False,
     merge_train_val: Annotated[bool, typer.Option(help="Train on train + val.")] = False,
 ) -> None:

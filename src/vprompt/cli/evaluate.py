@@ -20,7 +20,9 @@ BACKBONE_HELP = (
 
 def _format_eval(report: dict[str, Any]) -> str:
     lines = [
-        f"{report['split']} of {report['data']}: {report['n']} images",
+        f"{report['split']} of {report['data']}: {report['n']} images"
+        + (" (a stratified subsample" if report.get("size") else " (all")
+        + f", data seed {report.get('seed')})",
         f"top-1 {100 * report['top1']:.2f}%   top-5 {100 * report['top5']:.2f}%   "
         f"loss {report['loss']:.4f}",
         "per class:",
@@ -42,7 +44,12 @@ def eval_command(
         Opt(help="Folder for metrics.json and confusion.png (default: RUN_DIR/eval-SPLIT)."),
     ] = None,
     size: Annotated[
-        int | None, Opt(min=1, help="Evaluate a stratified subsample of N images.")
+        int | None,
+        Opt(
+            min=1,
+            help="Evaluate a stratified subsample of N images (default: on the task's own "
+            "training data, the subsample training reported on; else the whole split).",
+        ),
     ] = None,
     batch_size: Annotated[int, Opt(min=1, help="Images per forward.")] = 64,
     device: Annotated[Literal["auto", "cpu", "cuda"], Opt(help="Device.")] = "auto",
@@ -50,7 +57,10 @@ def eval_command(
     seed: Annotated[
         int | None,
         Opt(
-            help="Data seed for subsets and carved splits (default: the task's training data seed)."
+            "--data-seed",
+            "--seed",
+            help="Data seed for subsets and carved splits (default: the task's training data "
+            "seed); --data-seed as in `vprompt train`.",
         ),
     ] = None,
     backbone: Annotated[str | None, Opt(help=BACKBONE_HELP)] = None,

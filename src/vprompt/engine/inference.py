@@ -91,7 +91,8 @@ def evaluate_task(
         data: dataset spec; its classes must be the task's.
         split: which split to evaluate.
         out: folder for the JSON and the PNG.
-        size: evaluate a stratified subsample of this many images.
+        size: evaluate a stratified subsample of this many images; by default, on the task's
+            own training data, the subsample training evaluated (its ``SPLIT_size``), else all.
         batch_size: images per forward.
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: DataLoader workers.
@@ -107,18 +108,23 @@ def evaluate_task(
     check_dir_target(out_dir, "--out")  # before any work: a file on the path, no permission
     model = load_task_model(task_dir, device, backbone)
     info = model.backbone_info
-    if seed is None:
-        from vprompt.tasks import read_task_info
+    from vprompt.tasks import read_task_info
 
-        config = read_task_info(task_dir).extra.get("config", {})
+    config = read_task_info(task_dir).extra.get("config", {})
+    if seed is None:
         seed = int(config.get("data_seed", config.get("seed", 0)))  # older tasks: seed
-    splits = build_splits(
-        data,
-        data_config=info.data_config,
-        img_size=info.img_size,
-        seed=seed,
-        **{f"{split}_size": size},
-    )
+    if size is None and data == config.get("data"):
+        size = config.get(f"{split}_size")  # the images training reported on
+    try:
+        splits = build_splits(
+            data,
+            data_config=info.data_config,
+            img_size=info.img_size,
+            seed=seed,
+            **{f"{split}_size": size},
+        )
+    except DataError as e:  # build_splits names its own argument; the user gave --size
+        raise DataError(str(e).replace(f"{split}_size=", "--size ")) from None
     dataset = splits.datasets().get(split)
     if dataset is None:
         raise DataError(f"{data} has no {split} split; choose one of {list(splits.datasets())}")
@@ -138,7 +144,8 @@ def evaluate_task(
             progress=bar.advance,
         )
     metrics = summarize(pred, list(model.class_names))
-    report = {"task": str(task_dir), "data": data, "split": split, **metrics}
+    report = {"task": str(task_dir), "data": data, "split": split, "size": size, "seed": seed}
+    report.update(metrics)
     make_dir(out_dir, "--out")
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     save_confusion_png(
