@@ -104,6 +104,10 @@ def test_train_eval_predict(
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("done: val top-1")
     assert "lr 0.003125 = base 0.1 x batch 8 / 256" in r.stderr
+    # a 2-block width-32 ViT is counted, not rounded to "0.0M"; the head is part of the count
+    params = vprompt.load_backbone(tiny_vit_spec).num_params()
+    assert f"{params / 1e3:.1f}K params" in r.stderr
+    assert "(head included: 99), " in r.stderr and f"of the backbone's {params:,}" in r.stderr
     for name in (
         "config.yaml",
         "metrics.jsonl",

@@ -108,10 +108,11 @@ def describe_setup(
         else f"lr {resolved['lr']:.4g} (batch scaling off)"
     )
     return [
-        f"backbone {bb.spec} ({bb.arch}, {bb.num_params() / 1e6:.1f}M params, {bb.img_size}px)",
+        f"backbone {bb.spec} ({bb.arch}, {_count(bb.num_params())} params, {bb.img_size}px)",
         f"data {cfg.data}: {splits.num_classes} classes; {sizes}",
         f"method {cfg.method}: {int(rep['trainable']):,} trainable parameters "
-        f"({rep['trainable_percent']:.3f}% of the backbone)",
+        f"(head included: {int(rep['head']):,}), {rep['trainable_percent']:.3f}% of the "
+        f"backbone's {int(rep['backbone']):,}",
         f"{cfg.optimizer} {scaling}, wd {cfg.wd:g}, {cfg.epochs} epochs x "
         f"{resolved['steps_per_epoch']} steps, warm-up {cfg.warmup_epochs:g} epochs "
         f"({resolved['warmup_steps']} steps) then cosine to {cfg.min_lr:g}",
@@ -119,6 +120,14 @@ def describe_setup(
         + (f", {info.world} processes" if info.enabled else "")
         + f", precision {cfg.precision}, seed {cfg.seed}, data seed {cfg.data_seed}",
     ]
+
+
+def _count(n: int) -> str:
+    """A parameter count for people: 21.7M, 50.3K, 812."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
 
 
 def build_summary(
