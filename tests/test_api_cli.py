@@ -62,6 +62,8 @@ def test_methods_command_lists_every_method_with_options():
     types = {row["option"]: row["type"] for row in listing["spt-deep"]}  # choices spelled out
     assert types["fast"] == "'auto' | 'on' | 'off'" and types["head_norm"] == "bool"
     assert types["max_images"] == "int | None"
+    shallow = {row["option"]: row["type"] for row in listing["vpt-shallow"]}
+    assert shallow["fast"] == "'auto' | 'off'"  # 'on' is refused for shallow prompts
     table = CliRunner().invoke(app, ["methods", "spt-deep"], terminal_width=200).output
     assert "training defaults: adamw, lr 0.001, wd 0.0001, 100 epochs" in table  # --lr's default
 

@@ -99,6 +99,7 @@ class VPTShallowConfig(VPTConfig):
 
     name: ClassVar[str] = "vpt-shallow"
     deep: ClassVar[bool] = False
+    fast: Literal["auto", "off"] = "auto"  # the fast path is for deep prompts ('on' refused)
 
 
 @dataclass
