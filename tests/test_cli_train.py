@@ -65,6 +65,24 @@ def train_linear(backbone: str, data: str, run: Path) -> Path:
     return run
 
 
+def test_out_paths_starting_with_tilde_are_the_home_folder(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out '~/...' (quoted, or after '=': no shell expansion) is created and written under
+    $HOME by every command (the folder was made there and the files written to './~')."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", "linear", "--epochs", "1", "--quiet"]
+    assert invoke(*train_args(tiny_vit_spec, tiny_data_spec, "~/runs/a", *args)).exit_code == 0
+    assert (tmp_path / "home" / "runs" / "a" / "summary.json").is_file()
+    task = tmp_path / "home" / "runs" / "a" / "task"
+    r = invoke("eval", task, "--data", tiny_data_spec, "--out", "~/ev", "-q")
+    assert r.exit_code == 0 and (tmp_path / "home" / "ev" / "metrics.json").is_file(), r.output
+    r = invoke("data", "inspect", tiny_data_spec, "--out", "~/g/grid.png")
+    assert r.exit_code == 0 and (tmp_path / "home" / "g" / "grid.png").is_file(), r.output
+    assert not (tmp_path / "~").exists()
+
+
 def test_eval_defaults_to_the_subsample_training_reported(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
 ) -> None:

@@ -60,7 +60,7 @@ def save_grid(
     import matplotlib.pyplot as plt
     from matplotlib.backend_bases import FigureCanvasBase
 
-    out = Path(out)
+    out = Path(out).expanduser()  # as `make_dir` does: '~/grid.png' quoted past the shell
     if out.is_dir():
         raise DataError(f"--out {out} is a folder; give an image file, such as {out / 'grid.png'}")
     formats = FigureCanvasBase.get_supported_filetypes()

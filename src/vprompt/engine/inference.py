@@ -104,7 +104,7 @@ def evaluate_task(
     from vprompt.data import build_splits
 
     _check_counts(batch_size=batch_size, size=size, workers=workers)
-    out_dir = Path(out) if out is not None else default_eval_dir(Path(task_dir), split)
+    out_dir = Path(out).expanduser() if out is not None else default_eval_dir(Path(task_dir), split)
     check_dir_target(out_dir, "--out")  # before any work: a file on the path, no permission
     model = load_task_model(task_dir, device, backbone)
     info = model.backbone_info

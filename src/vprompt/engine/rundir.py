@@ -60,7 +60,7 @@ class RunDir:
     """Writes the files of one run (rank 0 only)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # as `make_dir`: --out '~/runs/x' past the shell
 
     # ------------------------------------------------------------------ lifecycle
     def check_target(self, overwrite: bool = False) -> None:
