@@ -189,15 +189,28 @@ def test_img_size_from_spec_and_argument_must_agree() -> None:
         load_backbone(f"{TINY}&img_size=96", img_size=112)
 
 
-def test_img_size_not_a_multiple_of_the_patch_is_refused() -> None:
-    """100 px on 16 px patches would drop the last 4 pixel rows/columns of every image."""
-    with pytest.raises(BackboneError, match=r"not a multiple of the patch size 16.*96 or 112"):
-        load_backbone(TINY, img_size=100)
-    with pytest.raises(BackboneError, match=r"dropped\. Use img_size=16\.$"):  # not 0
-        load_backbone(TINY, img_size=8)
-    padded = load_backbone(f"{TINY}&dynamic_img_pad=true", img_size=100)  # timm pads instead
-    assert padded.img_size == 100
-    assert load_backbone("timm:resnet18?pretrained=false", img_size=100).img_size == 100
+def test_patch_grid_problem_flags_only_sizes_that_crop() -> None:
+    """100 px on 16 px patches never shows the last 4 pixel rows/columns to the model; padded
+    or overlapping embeddings and the weights' own published size are fine."""
+    from vprompt.backbones.loader import patch_grid_problem
+
+    bb = load_backbone(TINY, img_size=100)  # loading is allowed: old tasks may use such sizes
+    problem = patch_grid_problem(bb.model, 100, bb.spec)
+    assert problem is not None and "last 4 pixel rows" in problem and "96 or 112" in problem
+    small = load_backbone(TINY, img_size=8)
+    assert patch_grid_problem(small.model, 8, small.spec).endswith("use --img-size 16")
+    for spec, size in (
+        (f"{TINY}&dynamic_img_pad=true", 100),  # timm pads
+        ("timm:resnet18?pretrained=false", 100),  # no patch embedding
+        ("timm:pvt_v2_b0?pretrained=false", 256),  # overlapping 7x7 / stride 4, padding 3
+        (TINY, 112),
+    ):
+        b = load_backbone(spec, img_size=size)
+        assert patch_grid_problem(b.model, size, spec) is None, spec
+    siglip_like = timm.create_model(ARCH, pretrained=False, patch_size=14, img_size=98, depth=1)
+    siglip_like.pretrained_cfg = {**siglip_like.pretrained_cfg, "input_size": (3, 100, 100)}
+    assert patch_grid_problem(siglip_like, 100, "x") is None  # as published (384 on 14 px)
+    assert patch_grid_problem(siglip_like, 101, "x") is not None
 
 
 def test_bad_timm_kwarg_is_a_backbone_error() -> None:

@@ -65,6 +65,18 @@ def train_linear(backbone: str, data: str, run: Path) -> Path:
     return run
 
 
+def test_training_at_a_size_the_patches_crop_is_refused_up_front(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    """40 px on 16 px patches never shows 8 pixel rows/columns: refused before any work."""
+    run = tmp_path / "run"
+    args = ["--method", "linear", "--img-size", "40", "--quiet"]
+    spec = tiny_vit_spec.replace("&img_size=32", "")
+    r = invoke(*train_args(spec, tiny_data_spec, run, *args))
+    assert r.exit_code == 2 and "last 8 pixel rows" in r.stderr and "32 or 48" in r.stderr
+    assert not run.exists()
+
+
 def test_out_paths_starting_with_tilde_are_the_home_folder(
     tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

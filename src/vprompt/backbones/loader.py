@@ -67,7 +67,6 @@ def load_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model, name, data_config = _build(parsed, size, arch, keep_head)
-    _check_patch_grid(model, data_config.input_size[-1], spec)
     model.requires_grad_(False)
     model.eval()
     return Backbone(model=model, spec=spec.strip(), arch=name, data_config=data_config)
@@ -91,23 +90,48 @@ def _build(
     return model, name, data_config
 
 
-def _check_patch_grid(model: nn.Module, size: int, spec: str) -> None:
-    """Refuse an image size that the patch size does not divide: the patch embedding would
-    silently drop the last ``size % patch`` rows and columns of every image."""
+def _dropped_pixels(model: nn.Module, size: int) -> int:
+    """Pixel rows (and columns) at the bottom/right of a ``size`` x ``size`` image that the
+    patch embedding never sees: 0 for a size its stride divides, or with padding that covers
+    the rest (overlapping embeddings such as PVT's)."""
     patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return 0
+    proj = getattr(patch_embed, "proj", None)
+    if isinstance(proj, nn.Conv2d) and not isinstance(proj.padding, str):
+        k, stride, pad = proj.kernel_size[0], proj.stride[0], proj.padding[0]
+        if size + 2 * pad < k:
+            return size  # smaller than one patch: nothing is seen
+        return max(0, (size + 2 * pad - k) % stride - pad)
     patch = getattr(patch_embed, "patch_size", None)
-    if not isinstance(patch, tuple | list) or getattr(patch_embed, "dynamic_img_pad", False):
-        return
-    bad = [int(p) for p in patch if int(p) > 0 and size % int(p)]
-    if bad:
-        p = bad[0]
-        lower, upper = size // p * p, (size // p + 1) * p
-        valid = f"img_size={lower} or {upper}" if lower else f"img_size={upper}"
-        raise BackboneError(
-            f"Image size {size} is not a multiple of the patch size {p} of {spec.strip()!r}: "
-            f"the last {size % p} pixel rows and columns of every image would be dropped. Use "
-            f"{valid}."
-        )
+    if isinstance(patch, tuple | list) and patch and int(patch[0]) > 0:
+        return size % int(patch[0])
+    return 0
+
+
+def patch_grid_problem(model: nn.Module, size: int, spec: str) -> str | None:
+    """Why training ``model`` (a timm backbone) at ``size`` px would silently crop every image,
+    or None.
+
+    A ViT whose patch size does not divide the image size drops the last rows and columns of
+    pixels (DINOv2's 14-pixel patches at 120 px drop 8). The size the weights were published
+    at is never flagged (SigLIP's 384 px on 14-pixel patches is how it was trained).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if size == tuple(cfg.get("input_size", (0,)))[-1]:
+        return None
+    dropped = _dropped_pixels(model, size)
+    if not dropped:
+        return None
+    valid = [n for n in range(max(size - 64, 1), size + 65) if not _dropped_pixels(model, n)]
+    below = [n for n in valid if n < size]
+    above = [n for n in valid if n > size]
+    options = " or ".join(str(n) for n in (below[-1:] + above[:1]))
+    return (
+        f"image size {size} does not fit the patch embedding of {spec!r}: the last "
+        f"{dropped} pixel rows and columns of every image would never be seen"
+        + (f"; use --img-size {options}" if options else "")
+    )
 
 
 def _merge_img_size(parsed: BackboneSpec, img_size: int | None) -> int | None:

@@ -29,7 +29,14 @@ from vprompt.engine.config import (
 from vprompt.engine.distributed import DistInfo, broadcast_flag, init_distributed
 from vprompt.engine.progress import Reporter
 from vprompt.engine.rundir import CONFIG, RunDir
-from vprompt.engine.trainer import EpochHook, FitResult, LoopState, fit, resolved_schedule
+from vprompt.engine.trainer import (
+    EpochHook,
+    FitResult,
+    LoopState,
+    check_patch_grid,
+    fit,
+    resolved_schedule,
+)
 from vprompt.errors import ConfigError, DataError, TrainingError, VPromptError
 from vprompt.methods.base import PromptedModel
 
@@ -186,6 +193,8 @@ def _execute(
     start = time.perf_counter()
     checkpoint = None if fresh else load_checkpoint(run.path, map_location="cpu")
     bb = backbone or load_backbone(cfg.backbone, cfg.img_size)
+    if fresh:  # before the data is read and the run directory made (fit checks it again)
+        check_patch_grid(bb.model, bb.img_size, bb.spec)
     splits = build_data(cfg, bb)
     model = build_model(cfg, bb, splits)
     if fresh:  # backbone, data and model are good: only now replace or create the directory

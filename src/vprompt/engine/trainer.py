@@ -645,6 +645,15 @@ def check_resume_layout(
         )
 
 
+def check_patch_grid(backbone: nn.Module, img_size: int, spec: str) -> None:
+    """Refuse to start training at an image size the patch embedding crops (`ConfigError`)."""
+    from vprompt.backbones.loader import patch_grid_problem
+
+    problem = patch_grid_problem(backbone, img_size, spec)
+    if problem:
+        raise ConfigError(problem[0].upper() + problem[1:])
+
+
 def fit_config(model: PromptedModel, splits: Any, cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     """The resolved config `fit` trains with, checked against the model and the data.
 
@@ -725,6 +734,8 @@ def fit(
         TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
     """
     cfg = fit_config(model, splits, cfg)
+    if checkpoint is None:  # a run that trained at such a size can still be resumed
+        check_patch_grid(model.backbone, model.backbone_info.img_size, model.backbone_info.spec)
     info = info or DistInfo(device=pick_device(cfg.device))
     reporter = reporter or Reporter(enabled=info.is_main)
     if cfg.deterministic:
