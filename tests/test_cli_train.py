@@ -108,6 +108,9 @@ def test_eval_defaults_to_the_subsample_training_reported(
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["n"] == 6 and report["top1"] == pytest.approx(trained["top1"])
+    respelled = tiny_data_spec.replace("folder:/", "folder:/./") + "/"  # same folder
+    r = invoke("eval", run / "task", "--data", respelled, "--json", "-q")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 6, r.output
     r = invoke("eval", run / "task", "--data", tiny_data_spec, "--size", "500", "-q")
     assert r.exit_code == 1 and "--size 500 but the test split" in r.stderr
 

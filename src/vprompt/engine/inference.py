@@ -113,7 +113,9 @@ def evaluate_task(
     config = read_task_info(task_dir).extra.get("config", {})
     if seed is None:
         seed = int(config.get("data_seed", config.get("seed", 0)))  # older tasks: seed
-    if size is None and data == config.get("data"):
+    given_size = size
+    same_data = _same_data(data, config.get("data"))
+    if size is None and same_data:
         size = config.get(f"{split}_size")  # the images training reported on
     try:
         splits = build_splits(
@@ -121,9 +123,12 @@ def evaluate_task(
             data_config=info.data_config,
             img_size=info.img_size,
             seed=seed,
+            skip_bad=bool(same_data and config.get("skip_bad")),  # as training dropped them
             **{f"{split}_size": size},
         )
     except DataError as e:  # build_splits names its own argument; the user gave --size
+        if given_size is None:
+            raise
         raise DataError(str(e).replace(f"{split}_size=", "--size ")) from None
     dataset = splits.datasets().get(split)
     if dataset is None:
@@ -156,6 +161,20 @@ def evaluate_task(
     )
     report["out"] = str(out_dir)
     return report
+
+
+def _same_data(spec: str, trained_on: Any) -> bool:
+    """Whether ``spec`` names the dataset a task was trained on, however it is spelled
+    (``folder:imgs``, ``folder:./imgs/``, the absolute path): same kind, target and fractions."""
+    from vprompt.data.specs import parse_data_spec
+
+    if not isinstance(trained_on, str):
+        return False
+    try:
+        a, b = parse_data_spec(spec), parse_data_spec(trained_on)
+    except DataError:
+        return False
+    return (a.kind, a.target, a.fractions) == (b.kind, b.target, b.fractions)
 
 
 def _names(names: list[str], shown: int = 5) -> str:
