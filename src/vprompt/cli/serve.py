@@ -82,11 +82,17 @@ def serve_command(
             import torch
 
             torch.set_num_threads(threads)
+        max_pixels = int(max_megapixels * 1_000_000)
+        from PIL import Image
+
+        # PIL refuses images above twice its own limit (about 179 MP) before our check can
+        # apply the one asked for here
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
         model, refused = load_multitask(
             tasks,
             backbone=backbone,
             device=_device(device),
-            max_pixels=int(max_megapixels * 1_000_000),
+            max_pixels=max_pixels,
         )
         run_server(
             model,

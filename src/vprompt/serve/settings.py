@@ -43,5 +43,6 @@ class ServeSettings:
         if self.max_images > self.max_queue:
             raise ConfigError(
                 f"serve: max_images ({self.max_images}) is above max_queue ({self.max_queue}): "
-                "a request that large could never be queued. Raise max_queue or lower max_images."
+                "a request that large could never be queued. Raise max_queue (--max-queue) or "
+                "lower max_images (--max-images)."
             )
