@@ -393,19 +393,15 @@ def load_shared_backbone(
     Raises:
         TaskError: no spec given and no task could be read.
     """
-    from vprompt.backbones.spec import parse_backbone_spec
-    from vprompt.engine.run import load_backbone_reproducibly
+    from vprompt.tasks.artifact import backbone_for_task
 
     info = _first_readable(tasks)
-    if spec is None:
-        if info is None:
-            raise TaskError(
-                "no task directory could be read, so the backbone is unknown; fix the task "
-                "paths or pass the backbone spec (--backbone)"
-            )
-        return load_backbone_reproducibly(info.backbone_spec, img_size=info.img_size)
-    size = None if (info is None or parse_backbone_spec(spec).img_size) else info.img_size
-    return load_backbone_reproducibly(spec, img_size=size)
+    if spec is None and info is None:
+        raise TaskError(
+            "no task directory could be read, so the backbone is unknown; fix the task "
+            "paths or pass the backbone spec (--backbone)"
+        )
+    return backbone_for_task(info, spec)
 
 
 def load_multitask(

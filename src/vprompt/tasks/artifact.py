@@ -152,11 +152,7 @@ def load_task(
 
     info = read_task_info(directory)
     if backbone is None or isinstance(backbone, str):
-        from vprompt.backbones import load_backbone, parse_backbone_spec
-
-        spec = info.backbone_spec if backbone is None else backbone
-        own_size = backbone is not None and parse_backbone_spec(spec).img_size is not None
-        backbone = load_backbone(spec, img_size=None if own_size else info.img_size)
+        backbone = backbone_for_task(info, backbone)
     backbone = as_backbone(backbone)
     check_backbone(info, backbone, directory)
     tensors_path = Path(directory) / TASK_TENSORS
@@ -178,6 +174,19 @@ def load_task(
     except VPromptError as e:
         raise TaskError(f"task {directory} does not fit: {e}") from e
     return model.eval()
+
+
+def backbone_for_task(info: TaskInfo | None, spec: str | None = None) -> Backbone:
+    """Load ``spec`` at the task's image size (unless the spec sets its own), or without a
+    spec the backbone the task names, at its size."""
+    from vprompt.backbones import load_backbone, parse_backbone_spec
+
+    if spec is None:
+        if info is None:
+            raise TaskError("no backbone spec given and no task to take it from")
+        return load_backbone(info.backbone_spec, img_size=info.img_size)
+    own_size = info is None or parse_backbone_spec(spec).img_size is not None
+    return load_backbone(spec, img_size=None if own_size else info.img_size)
 
 
 def check_backbone(info: TaskInfo, backbone: Backbone, directory: str | os.PathLike = "") -> None:
