@@ -1052,6 +1052,11 @@ def summarize_cell(cell: Cell, records: Records, seeds: int) -> dict[str, Any]:
     row["trainable_percent"] = params.get("trainable_percent")
     row["backbone_params"] = params.get("backbone")
     row["task_tensor_bytes"] = (ref or {}).get("task_tensor_bytes")
+    row["task_bytes"] = (ref or {}).get("task_bytes")  # task.json + task.safetensors
+    trained = [
+        r["train_seconds"] for r in ok if r.get("train_seconds") and r.get("how") != "resumed"
+    ]
+    row["train_seconds_median"] = median(trained) if trained else None
     fresh = [r["seconds"] for r in ok if r.get("seconds") and r.get("how") != "resumed"]
     row["seconds_median"] = median(fresh or [r["seconds"] for r in ok if r.get("seconds")])
     row["seconds_runs"] = len(fresh)
@@ -1121,10 +1126,19 @@ NEAR_POINTS = 1.0
 
 
 def compare(a: dict[str, Any] | None, b: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    """One comparison of two table rows (means in points); not measured unless both complete."""
+    """One comparison of two table rows (means in points); not measured unless both cells are
+    complete or diverged (every grid lr diverged: a measured failure of that cell)."""
     out: dict[str, Any] = {"a": a and a["id"], "b": b and b["id"]}
-    if not a or not b or a["status"] != "complete" or b["status"] != "complete":
+    ended = ("complete", "diverged")
+    if not a or not b or a["status"] not in ended or b["status"] not in ended:
         return {**out, "measured": False}
+    if "diverged" in (a["status"], b["status"]):
+        gone = [r["id"] for r in (a, b) if r["status"] == "diverged"]
+        return {**out, "measured": True, "diverged": gone, "within_noise": False,
+                "holds": a["status"] == "complete"}  # fmt: skip
+    lost = {r["id"]: r["diverged_seeds"] for r in (a, b) if r.get("diverged_seeds")}
+    if lost:
+        out["diverged_seeds"] = lost  # left out of the mean: it may flatter that cell
     ma, mb = 100 * a["test_top1_mean"], 100 * b["test_top1_mean"]
     sa, sb = 100 * (a["test_top1_std"] or 0.0), 100 * (b["test_top1_std"] or 0.0)
     diff = round(ma - mb, 9) + 0.0  # equal means print as +0.00, not -0.00
@@ -1136,6 +1150,21 @@ def compare(a: dict[str, Any] | None, b: dict[str, Any] | None, kind: str) -> di
     else:
         out.update(holds=diff > 0, within_noise=abs(diff) < 2 * se)
     return out
+
+
+def verdict_of(measured: list[dict[str, Any]]) -> str:
+    """A claim's verdict from its measured comparisons (see `claims_markdown` for the rule)."""
+    if not measured:
+        return "not measured yet"
+    held = [c for c in measured if c["holds"]]
+    noisy = [c for c in measured if c["within_noise"]]
+    if len(noisy) == len(measured):
+        return "inconclusive (within noise)"
+    if len(held) == len(measured):
+        return "holds" if not noisy else "holds, partly within noise"
+    if not held:
+        return "does not hold"
+    return "mixed"
 
 
 def evaluate_claims(rows: list[dict[str, Any]], datasets: list[str]) -> list[dict[str, Any]]:
@@ -1159,15 +1188,7 @@ def evaluate_claims(rows: list[dict[str, Any]], datasets: list[str]) -> list[dic
             if any(c["measured"] for c in fb):
                 comps, note = fb, claim.fallback_note
         measured = [c for c in comps if c["measured"]]
-        held = [c for c in measured if c["holds"]]
-        if not measured:
-            verdict = "not measured yet"
-        elif len(held) == len(measured):
-            verdict = "holds"
-        elif not held:
-            verdict = "does not hold"
-        else:
-            verdict = "mixed"
+        verdict = verdict_of(measured)
         out.append(
             {
                 "key": claim.key,
@@ -1237,6 +1258,7 @@ def build_report(
             "first": min((r["finished"] for r in used), default=None),
             "last": max((r["finished"] for r in used), default=None),
             "commits": sorted({r.get("git_commit", "?") for r in used}),
+            "threads": sorted({r["threads"] for r in used if r.get("threads")}),
             "cpu_models": sorted({r.get("cpu_model", machine.get("cpu_model", "?")) for r in used}),
         },
         "machine": machine,
@@ -1271,6 +1293,9 @@ def grid_text(row: dict[str, Any]) -> str:
         item = f"{g['lr']:g}: {val}"
         parts.append(f"**{item}**" if g["lr"] == row["chosen_lr"] else item)
     head = "–" if row["chosen_lr"] is None else f"**{row['chosen_lr']:g}**"
+    lrs = [g["lr"] for g in row["grid"]]
+    if row["chosen_lr"] is not None and len(lrs) > 1 and row["chosen_lr"] in (min(lrs), max(lrs)):
+        head += " (edge)"
     return f"{head} ({', '.join(parts)})"
 
 
@@ -1314,11 +1339,16 @@ def markdown(doc: dict[str, Any]) -> str:
         "last-epoch val top-1; the best wins and ties go to the smaller lr "
         f"(`vprompt.sweep.grids.choose`). The chosen lr then trains with seeds 1..{s['seeds'] - 1}; "
         "seed 0's grid run at that lr is the first seed. Test top-1 is recorded for every run but "
-        "read only at the chosen lr: it never enters the choice.",
+        "read only at the chosen lr: it never enters the choice. Seed 0 is also the run that won "
+        "the val choice, so it can be a little luckier than the other seeds (the same for every "
+        "cell). A chosen lr marked *(edge)* is the end of its grid: a better one may lie beyond.",
         "- Reported: test top-1 (%) mean ± sample std over the seeds (n); trainable parameters "
-        "(method + head) and their share of the backbone's parameters; task artifact size = bytes "
-        "of the task's `task.safetensors`; time per run = median wall time of the cell's runs "
-        "(backbone load, data, training, val every epoch, test), on a shared machine.",
+        "(method + head) and their share of the backbone's parameters; task size = the whole "
+        "task artifact (`task.json` + `task.safetensors`); train time = median seconds of the "
+        "cell's training loops (epochs with their val passes), time per run = median wall time "
+        "of its runs (also backbone load, data and test); runs used "
+        f"{' or '.join(str(t) for t in recs.get('threads') or ['?'])} torch thread(s) each, "
+        "usually two runs at once on the 2 cores, on a shared machine.",
         "",
         "| backbone | method | optimizer | wd | base lr grid |",
         "|---|---|---|---:|---|",
@@ -1343,15 +1373,18 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{d['note']}. Images at {sizes}.",
             "",
             "| backbone | method | test top-1 (%) mean ± std (n) | chosen lr (grid: val top-1 %) "
-            "| trainable params | % of backbone | task size (KiB) | time per run (s) |",
-            "|---|---|---|---|---:|---:|---:|---:|",
+            "| trainable params | % of backbone | task size (KiB) | train time (s) "
+            "| time per run (s) |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
-            kib = None if r["task_tensor_bytes"] is None else r["task_tensor_bytes"] / 1024
+            size = r.get("task_bytes") or r["task_tensor_bytes"]
+            kib = None if size is None else size / 1024
             lines.append(
                 f"| {r['backbone']} | {r['method']} | {mean_std_text(r)} | {grid_text(r)} | "
                 f"{fmt(r['trainable'], ',')} | {fmt(r['trainable_percent'], '.3f')} | "
-                f"{fmt(kib, ',.1f')} | {fmt(r['seconds_median'], '.0f')} |"
+                f"{fmt(kib, ',.1f')} | {fmt(r.get('train_seconds_median'), '.0f')} | "
+                f"{fmt(r['seconds_median'], '.0f')} |"
             )
         tn = next((r["test_n"] for r in rows if r["test_n"]), None)
         if tn:
@@ -1395,8 +1428,14 @@ def claims_markdown(doc: dict[str, Any]) -> list[str]:
         "test top-1 is higher; the difference is flagged *within noise* when it is smaller than "
         "twice its standard error sqrt(sa²/na + sb²/nb). *Near or above full fine-tuning*: at "
         f"most max({doc['near_points']:g} point, one std of full fine-tuning's seeds) below full "
-        "fine-tuning's mean. A claim *holds* when every measured comparison does, is *mixed* "
-        "when some do, and is *not measured yet* until both cells of a comparison are complete.",
+        "fine-tuning's mean. A claim *holds* when every measured comparison does and none is "
+        "within noise (*holds, partly within noise* when some are), *does not hold* when none "
+        "does, is *inconclusive* when every difference is within noise, *mixed* otherwise, and "
+        "*not measured yet* until both cells of a comparison are complete. A cell whose every "
+        "grid lr diverged counts as measured and failing; seeds that diverged are left out of "
+        "a cell's mean and named. The standard error counts seed-to-seed variation only (every "
+        "method sees the same test images), and 2 se with 3 seeds is a loose bar: *within "
+        "noise* flags a difference that is surely not significant, not the reverse.",
         "",
     ]
     if doc["setup"]["name"] == "quick":
@@ -1419,12 +1458,22 @@ def claims_markdown(doc: dict[str, Any]) -> list[str]:
             if not comp["measured"]:
                 lines.append(f"   - {comp['dataset']}: {a} vs {b}: not measured yet")
                 continue
+            if comp.get("diverged"):
+                gone = ", ".join(x.split("/", 1)[1] for x in comp["diverged"])
+                mark = "yes" if comp["holds"] else "no"
+                lines.append(
+                    f"   - {comp['dataset']}: {a} vs {b}: {gone} diverged at every grid lr "
+                    f"-> {mark}"
+                )
+                continue
             mark = "yes" if comp["holds"] else "no"
             extra = ""
             if c["kind"] == "near":
                 extra = f", margin {comp['margin']:.2f}"
             elif comp["within_noise"]:
                 extra = ", within noise"
+            for cell, seeds in (comp.get("diverged_seeds") or {}).items():
+                extra += f"; {cell.split('/', 1)[1]} seeds {seeds} diverged, left out"
             lines.append(
                 f"   - {comp['dataset']}: {a} {comp['a_mean']:.2f} ± {comp['a_std']:.2f} vs {b} "
                 f"{comp['b_mean']:.2f} ± {comp['b_std']:.2f}: {comp['diff']:+.2f} points "
@@ -1460,7 +1509,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             done = r["status"] == "complete"
             mean = r["test_top1_mean"]
             if mean is None:
-                ax.text(x, floor + 1, "pending", rotation=90, ha="center", va="bottom", fontsize=7)
+                label = "diverged" if r["status"] == "diverged" else "pending"
+                ax.text(x, floor + 1, label, rotation=90, ha="center", va="bottom", fontsize=7)
                 continue
             ax.bar(
                 x,
@@ -1481,8 +1531,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[b]) for b in backbones]
     fig.legend(handles, backbones, loc="upper right", fontsize=8)
+    pending = any(r["status"] == "pending" for r in doc["cells"])
     fig.suptitle(
-        "1k protocol: test top-1, mean ± std over seeds (hatched: pending, partial mean)",
+        "1k protocol: test top-1, mean ± std over seeds"
+        + (" (hatched: pending, partial mean)" if pending else ""),
         fontsize=10,
     )
     fig.tight_layout()

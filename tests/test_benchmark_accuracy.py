@@ -98,9 +98,11 @@ def test_all_outputs_exist_and_agree(quick: dict[str, Any]) -> None:
             assert f"{g['lr']:g}: {100 * g['val_top1']:.1f}" in cols[3]
         assert cols[4] == f"{cell['trainable']:,}"
         assert float(cols[5]) == pytest.approx(cell["trainable_percent"], abs=0.0006)
-        assert float(cols[6].replace(",", "")) == pytest.approx(
-            cell["task_tensor_bytes"] / 1024, abs=0.06
-        )
+        # the whole artifact (task.json + task.safetensors), larger than its tensors
+        assert float(cols[6].replace(",", "")) == pytest.approx(cell["task_bytes"] / 1024, abs=0.06)
+        assert cell["task_bytes"] > cell["task_tensor_bytes"]
+        assert float(cols[7]) == pytest.approx(cell["train_seconds_median"], abs=0.6)
+        assert float(cols[7]) <= float(cols[8]) + 0.5  # training is part of the run
     for claim in doc["claims"]:
         assert f"**{claim['text']}** ({claim['source']}): **{claim['verdict']}**" in md
     machine = doc["machine"]
@@ -251,7 +253,7 @@ def test_claims_verdicts_from_rows() -> None:
         row("spt-deep", "vit", 0.79, 0.01),
         row("vpt-deep-adamw", "vit", 0.0, 0.0, status="pending"),
         row("linear", "cnn", 0.80, 0.01),
-        row("pro-tuning", "cnn", 0.81, 0.01),
+        row("pro-tuning", "cnn", 0.83, 0.01),
     ]
     claims = {c["key"]: c for c in accuracy.evaluate_claims(rows, ["d"])}
     assert claims["prompts-above-linear"]["verdict"] == "mixed"  # spt-deep is below
@@ -266,6 +268,19 @@ def test_claims_verdicts_from_rows() -> None:
     assert near["verdict"] == "mixed"
     pending = accuracy.evaluate_claims([r for r in rows if r["role"] == "cnn"], ["d"])
     assert {c["key"]: c["verdict"] for c in pending}["deep-above-shallow"] == "not measured yet"
+
+    # a difference within noise is not a 'holds': +0.2 points with stds of 1 point
+    noisy = [row("spt-deep", "vit", 0.842, 0.01), row("vpt-deep-adamw", "vit", 0.840, 0.01)]
+    spt = {c["key"]: c for c in accuracy.evaluate_claims(noisy, ["d"])}["spt-above-random"]
+    assert spt["comparisons"][0]["within_noise"] and spt["verdict"] == "inconclusive (within noise)"
+    clear = {**spt["comparisons"][0], "within_noise": False}
+    assert accuracy.verdict_of([clear, *spt["comparisons"]]) == "holds, partly within noise"
+
+    # a cell whose every grid lr diverged is a measured failure, not 'not measured yet' forever
+    gone = [row("linear", "cnn", 0.80, 0.01), row("pro-tuning", "cnn", 0, 0, status="diverged")]
+    cnn = {c["key"]: c for c in accuracy.evaluate_claims(gone, ["d"])}
+    assert cnn["pro-tuning-above-linear-cnn"]["verdict"] == "does not hold"
+    assert cnn["pro-tuning-above-linear-cnn"]["comparisons"][0]["diverged"] == ["d/cnn/pro-tuning"]
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path, single_thread: None) -> None:
