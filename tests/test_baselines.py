@@ -16,7 +16,7 @@ from vprompt.methods.baselines import (
     BitFit,
     BitFitConfig,
     PartialConfig,
-    bias_modules,
+    bias_parameters,
     feature_stages,
 )
 from vprompt.methods.registry import attach
@@ -245,14 +245,24 @@ class _Biased(nn.Module):
         self.bias_scale = nn.Parameter(torch.ones(3))
 
 
-def test_bitfit_finds_biases_by_module_structure():
+def test_bitfit_finds_every_bias_term():
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(4, 2), _Biased()
     )
-    assert bias_modules(net) == ["1", "2", "3"]
+    assert [n for n, _ in bias_parameters(net)] == ["1.bias", "2.bias", "3.bias"]
     method = BitFit(BitFitConfig(), net)
     names = [n for n, _ in method.backbone_parameters(net)]
     assert names == ["1.bias", "2.bias", "3.bias"]  # not the conv (bias=False), not "bias_scale"
+
+
+def test_bitfit_trains_eva_and_beit_split_attention_biases():
+    """EVA / BEiT keep q and v biases as q_bias / v_bias (no k bias): BitFit must train them;
+    the relative position bias table is a position encoding, not a bias term."""
+    for arch in ("eva02_tiny_patch14_224", "beit_base_patch16_224"):
+        net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=28, depth=1)
+        names = {n for n, _ in BitFit(BitFitConfig(), net).backbone_parameters(net)}
+        assert {"blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "blocks.0.attn.proj.bias"} <= names
+        assert not any("table" in n for n in names), arch
 
 
 @pytest.mark.parametrize("method", ["linear", "bitfit", "partial"])

@@ -5,7 +5,8 @@ What trains is decided from module structure, never from substrings of parameter
 * ``linear``: the head only.
 * ``full``: every backbone parameter (except the backbone's own classifier, which vprompt's head
   replaces), with dropout, drop-path and batch-norm statistics in training behaviour.
-* ``bitfit``: the ``bias`` parameter of every module that has one (Linear, Conv, norms...).
+* ``bitfit``: every bias term: the ``bias`` of each module that has one (Linear, Conv, norms...)
+  and the split attention biases of EVA / BEiT (``q_bias``, ``v_bias``).
 * ``partial``: the last k blocks (ViTs) or stages (CNNs, found through timm's ``feature_info``)
   and everything registered after them: the final norm(s) and, for CNNs, the layers that follow
   the last stage (EfficientNet ``conv_head``/``bn2``, ConvNeXt ``norm_pre``/``head.norm``).
@@ -176,30 +177,28 @@ class BitFitConfig(MethodConfig):
     name: ClassVar[str] = "bitfit"
 
 
-def bias_modules(backbone: nn.Module) -> list[str]:
-    """Names of the modules whose ``bias`` attribute is a parameter (Linear, Conv, norms...)."""
-    return [
-        name
-        for name, module in backbone.named_modules()
-        if isinstance(getattr(module, "bias", None), nn.Parameter)
-    ]
+def bias_parameters(backbone: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Every bias term: parameters named ``bias`` (Linear, Conv, norms...) or ``*_bias`` (EVA /
+    BEiT attention's ``q_bias`` and ``v_bias``, kept apart from a bias-free key projection).
+    Tables such as ``relative_position_bias_table`` are position encodings, not biases."""
+    for name, param in backbone.named_parameters():
+        last = name.rsplit(".", 1)[-1]
+        if last == "bias" or last.endswith("_bias"):
+            yield name, param
 
 
 @register_method
 class BitFit(Method):
-    """Trains the ``bias`` of every backbone module that has one; the backbone stays in eval."""
+    """Trains every bias term of the backbone (`bias_parameters`); the backbone stays in eval."""
 
     config_class: ClassVar[type[MethodConfig]] = BitFitConfig
     trains_backbone: ClassVar[bool] = True
 
     def backbone_parameters(self, backbone: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         skip = classifier_parameter_ids(backbone)
-        seen: set[int] = set()
-        for name in bias_modules(backbone):
-            bias = backbone.get_submodule(name).bias
-            if id(bias) not in skip and id(bias) not in seen:
-                seen.add(id(bias))
-                yield (f"{name}.bias" if name else "bias"), bias
+        for name, bias in bias_parameters(backbone):  # named_parameters: each tensor once
+            if id(bias) not in skip:
+                yield name, bias
 
 
 # ---------------------------------------------------------------------------------- partial
