@@ -1284,6 +1284,11 @@ def mean_std_text(row: dict[str, Any]) -> str:
     return f"{100 * row['test_top1_mean']:.2f} ± {std} ({row['n_seeds']}{extra})"
 
 
+def seconds_text(x: float | None) -> str:
+    """``812``; ``0.4`` for the few seconds a cached-feature linear probe trains; ``–``."""
+    return fmt(x, ".1f" if x is not None and x < 10 else ".0f")
+
+
 def grid_text(row: dict[str, Any]) -> str:
     """The chosen lr with every grid point's val top-1: ``**0.1** (0.025: 81.5, **0.1: 87.0**)``."""
     parts = []
@@ -1345,7 +1350,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "- Reported: test top-1 (%) mean ± sample std over the seeds (n); trainable parameters "
         "(method + head) and their share of the backbone's parameters; task size = the whole "
         "task artifact (`task.json` + `task.safetensors`); train time = median seconds of the "
-        "cell's training loops (epochs with their val passes), time per run = median wall time "
+        "cell's training loops (epochs with their val passes; a linear probe's loop runs on "
+        "cached features, whose extraction counts in the run time), time per run = median wall time "
         "of its runs (also backbone load, data and test); runs used "
         f"{' or '.join(str(t) for t in recs.get('threads') or ['?'])} torch thread(s) each, "
         "usually two runs at once on the 2 cores, on a shared machine.",
@@ -1383,7 +1389,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['backbone']} | {r['method']} | {mean_std_text(r)} | {grid_text(r)} | "
                 f"{fmt(r['trainable'], ',')} | {fmt(r['trainable_percent'], '.3f')} | "
-                f"{fmt(kib, ',.1f')} | {fmt(r.get('train_seconds_median'), '.0f')} | "
+                f"{fmt(kib, ',.1f')} | {seconds_text(r.get('train_seconds_median'))} | "
                 f"{fmt(r['seconds_median'], '.0f')} |"
             )
         tn = next((r["test_n"] for r in rows if r["test_n"]), None)
