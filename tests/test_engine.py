@@ -341,6 +341,8 @@ def test_fit_as_documented_takes_a_dict_and_checks_the_model(
     assert fit_config(model, splits, TrainConfig(epochs=1)).lr == 0.1  # vpt-deep's default
     with pytest.raises(ConfigError, match=r"config is for method 'linear'.*attached with"):
         fit(model, splits, {"method": "linear", "epochs": 1})
+    with pytest.raises(ConfigError, match=r"method options \{'prompt_len': 50\} .* differ"):
+        fit(model, splits, {"epochs": 1, "method_options": {"prompt_len": 50}})
     wrong = attach(bb, "vpt-deep", num_classes=10)
     with pytest.raises(ConfigError, match="head has 10 classes but the data has 3"):
         fit(wrong, splits, {"epochs": 1})

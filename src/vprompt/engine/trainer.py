@@ -8,6 +8,7 @@ checkpoint; `RunFiles` (optional) receives the per-step and per-epoch records.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -673,7 +674,23 @@ def fit_config(model: PromptedModel, splits: Any, cfg: TrainConfig | dict[str, A
             "its recipe (optimizer, lr, epochs) would not be the method's. Drop 'method' from "
             "the config or attach the method it names"
         )
-    values.update(method=method, method_options=model.config.to_dict())
+    own = model.config.to_dict()
+
+    def plain(x: Any) -> Any:  # (1, 2) from a config equals [1, 2] from YAML or --set
+        return json.loads(json.dumps(x, default=str))
+
+    differ = {
+        k: v
+        for k, v in (values.get("method_options") or {}).items()
+        if k in own and plain(own[k]) != plain(v)
+    }
+    if differ:
+        raise ConfigError(
+            f"method options {differ} in the config differ from the model's "
+            f"({ {k: own[k] for k in differ} }); they are set when the method is attached: "
+            "attach with them, or drop them from the config"
+        )
+    values.update(method=method, method_options=own)
     values["backbone"] = values.get("backbone") or model.backbone_info.spec
     values["data"] = values.get("data") or getattr(splits, "spec", "") or "(in memory)"
     resolved = resolve_config(values)
