@@ -32,7 +32,7 @@ import yaml
 from vprompt._paths import make_dir
 from vprompt.errors import ConfigError
 from vprompt.sweep.protocol import SweepResult, run_sweep
-from vprompt.sweep.report import finite_or_none, pct_spread
+from vprompt.sweep.report import finite_or_none, pct, pct_spread
 from vprompt.sweep.spec import SweepSpec
 
 DEFAULT_GROUP = "all"
@@ -201,18 +201,17 @@ class SuiteResult:
         return r.test_mean if r is not None else math.nan
 
     def group_mean(self, method: str, group: str) -> float:
-        vals = [self.cell(method, d.name) for d in self.datasets if d.group == group]
-        return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
+        return _complete_mean(
+            [self.cell(method, d.name) for d in self.datasets if d.group == group]
+        )
 
     def overall_mean(self, method: str) -> float:
-        vals = [self.cell(method, d.name) for d in self.datasets]
-        return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
+        return _complete_mean([self.cell(method, d.name) for d in self.datasets])
 
     def mean_of_groups(self, method: str) -> float:
         """The mean of the group means (some papers' VTAB "Mean": each group weighs the same,
         however many datasets it has)."""
-        vals = [self.group_mean(method, g) for g in self.groups]
-        return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
+        return _complete_mean([self.group_mean(method, g) for g in self.groups])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able table: per method, per dataset and per group."""
@@ -291,7 +290,7 @@ class SuiteResult:
             group = next(d.group for d in self.datasets if d.name == name)
             lines.append(
                 f"| {m} | {name} | {group} | {r.choice.lr:g} | {r.choice.wd:g} | "
-                f"{_p2(r.choice_val)} | {pct_spread(r.test_mean, r.test_std, len(r.finals))} | "
+                f"{pct(r.choice_val)} | {pct_spread(r.test_mean, r.test_std, len(r.finals))} | "
                 f"{len(r.finals)} | {r.trial_epochs}/{r.grid_trial_epochs} |"
             )
         return "\n".join(lines) + "\n"
@@ -306,8 +305,9 @@ def _p1(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def _p2(x: float) -> str:
-    return "-" if not math.isfinite(x) else f"{100 * x:.2f}"
+def _complete_mean(vals: list[float]) -> float:
+    """The mean, or NaN while any value is missing (NaN) or there is none."""
+    return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.nan
 
 
 def run_suite(
