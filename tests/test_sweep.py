@@ -515,6 +515,30 @@ def test_suite_tables_per_dataset_and_group(tmp_path: Path) -> None:
     assert [d.name for d in unique_names(two)] == ["digits", "digits-2"]
 
 
+def test_suite_json_is_strict_json_while_a_cell_is_missing(tmp_path: Path) -> None:
+    """A suite still running (or stopped) has cells without a result: their means are null
+    in suite.json (NaN is not JSON and strict parsers refuse the whole file)."""
+    datasets = load_suite_file(_suite_yaml(tmp_path))
+
+    def spec(method: str, data: str) -> SweepSpec:
+        return SweepSpec({**BASE, "method": method, "data": data}, lrs="0.5", wds="0", seeds=1)
+
+    suite = run_suite(datasets, ["linear"], spec, tmp_path / "suite", runner=ScriptedRunner())
+    del suite.results[("linear", "c")]
+    suite.write()
+    text = (tmp_path / "suite" / "suite.json").read_text()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    doc = json.loads(text, parse_constant=refuse)
+    row = doc["methods"]["linear"]
+    assert row["datasets"]["c"] is None and row["groups"]["str"] is None
+    assert row["mean"] is None and row["mean_of_groups"] is None
+    assert row["groups"]["nat"] > 0
+    assert row["groups"]["nat"] == pytest.approx(suite.group_mean("linear", "nat"))
+
+
 def _suite_yaml(tmp_path: Path) -> Path:
     f = tmp_path / "s.yaml"
     f.write_text(

@@ -239,9 +239,9 @@ class SuiteResult:
                 )
             rows[m] = {
                 "datasets": per,
-                "groups": {g: self.group_mean(m, g) for g in self.groups},
-                "mean": self.overall_mean(m),
-                "mean_of_groups": self.mean_of_groups(m),
+                "groups": {g: finite_or_none(self.group_mean(m, g)) for g in self.groups},
+                "mean": finite_or_none(self.overall_mean(m)),
+                "mean_of_groups": finite_or_none(self.mean_of_groups(m)),
             }
         return {
             "groups": {g: [d.name for d in self.datasets if d.group == g] for g in self.groups},
@@ -298,7 +298,9 @@ class SuiteResult:
     def write(self) -> None:
         """``suite.md`` and ``suite.json`` in ``out``."""
         (self.out / SUITE_MD).write_text(self.markdown())
-        (self.out / SUITE_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (self.out / SUITE_JSON).write_text(
+            json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        )
 
 
 def _p1(x: float) -> str:
