@@ -50,6 +50,27 @@ def test_attach_by_name_and_by_config_agree():
     assert by_name.method.prompts.shape == (2, 7, 32)
 
 
+@pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("linear", {}), ("vpt-deep", {}), ("spt-shallow", {}), ("pro-tuning", {"vit_groups": 2})],
+)
+def test_attach_and_load_task_join_the_backbones_device(tiny_vit_spec, tmp_path, method, options):
+    """A backbone already on another device (an accelerator for users; ``meta`` here, the one
+    other device a CPU machine has) gets the method and head on that device too: they were
+    made on the CPU, a model on two devices that failed in its first forward. A task loaded
+    onto such a shared backbone joins it the same way."""
+    backbone = vprompt.load_backbone(tiny_vit_spec)
+    vprompt.save_task(vprompt.attach(backbone, method, num_classes=3, **options), tmp_path / "t")
+    backbone.model.to("meta")
+    for model in (
+        vprompt.attach(backbone, method, num_classes=3, **options),
+        vprompt.load_task(tmp_path / "t", backbone=backbone),
+    ):
+        devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+        assert devices == {"meta"}
+
+
 def test_methods_command_lists_every_method_with_options():
     result = CliRunner().invoke(app, ["methods", "--json"])
     assert result.exit_code == 0, result.output

@@ -96,10 +96,15 @@ def attach(
         **options: method options (``prompt_len=10``), applied on top of ``method``.
 
     Returns:
-        The `PromptedModel`; only the method's parameters and the head require grad.
+        The `PromptedModel`, on the backbone's device; only the method's parameters and the head
+        require grad.
     """
     bb = as_backbone(backbone)
     config = make_config(method, **options)
     method_cls = get_method_class(config.name)
     module = method_cls(config, bb.model)
-    return PromptedModel(bb, module, num_classes=num_classes, class_names=class_names)
+    model = PromptedModel(bb, module, num_classes=num_classes, class_names=class_names)
+    # the method's and the head's new tensors are made on the CPU; a backbone already on an
+    # accelerator would otherwise give a model on two devices that fails in its first forward
+    device = next((p.device for p in bb.model.parameters()), None)
+    return model.to(device) if device is not None else model

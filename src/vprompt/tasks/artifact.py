@@ -139,10 +139,12 @@ def load_task(
         backbone: the shared backbone to attach to (a `Backbone` or a bare timm model, as for
             `attach`), or a spec to load (at the task's image size unless the spec sets one);
             loaded from the task's own spec when None.
-        map_location: device for the task's tensors.
+        map_location: the device the task's tensors are read to, and where a backbone that
+            ``load_task`` loads itself (``backbone`` None or a spec) is put. A given `Backbone`
+            or module keeps its device and the task joins it (one backbone serves many tasks).
 
     Returns:
-        The model in eval mode.
+        The model in eval mode, on the backbone's device.
 
     Raises:
         TaskError: the folder is not a task, is corrupt, or the backbone's weights differ from the
@@ -153,6 +155,7 @@ def load_task(
     info = read_task_info(directory)
     if backbone is None or isinstance(backbone, str):
         backbone = backbone_for_task(info, backbone)
+        backbone.model.to(map_location)
     backbone = as_backbone(backbone)
     check_backbone(info, backbone, directory)
     tensors_path = Path(directory) / TASK_TENSORS
