@@ -527,6 +527,43 @@ def test_deep_grey_scales_by_mode_not_by_brightness(array: np.ndarray, grey: int
     assert to_rgb(Image.fromarray(array)).getpixel((0, 0)) == (grey, grey, grey)
 
 
+@pytest.mark.parametrize(
+    ("orientation", "shown"),
+    [
+        (2, np.fliplr),  # mirrored
+        (3, lambda a: np.rot90(a, 2)),
+        (6, lambda a: np.rot90(a, -1)),  # phone held upright: stored sideways, turn clockwise
+        (8, lambda a: np.rot90(a, 1)),
+    ],
+)
+def test_exif_orientation_is_applied_in_training_and_serving(
+    tmp_path: Path, orientation: int, shown
+) -> None:
+    """A photo whose EXIF tag says how to turn its stored pixels is used as viewers show it,
+    the same way by the training data and by `vprompt serve` (`predict` shares `to_rgb`)."""
+    from vprompt.serve.images import decode_image
+
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)  # not square: turns show
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo = tmp_path / "a" / "photo.png"
+    photo.parent.mkdir(parents=True)
+    Image.fromarray(stored).save(photo, exif=exif.tobytes())
+    write_image(tmp_path / "b" / "y.png")  # a second class
+    expected = np.ascontiguousarray(shown(stored))
+
+    splits = build_splits(f"folder:{tmp_path}?val=0&test=0", img_size=8)
+    i = [Path(splits.train.records.loader.name(s)).name for s in splits.train.records.sources]
+    assert np.array_equal(np.asarray(splits.train.image(i.index("photo.png"))), expected)
+    transform = splits.train.transform  # the eval transform (no augmentation by default)
+    served = decode_image(photo.read_bytes(), transform)
+    assert torch.equal(served, transform(Image.fromarray(expected)))
+    assert torch.equal(splits.train[i.index("photo.png")][0], served)
+    upright_png = Image.fromarray(stored)  # no tag: used as stored
+    assert np.array_equal(np.asarray(to_rgb(upright_png)), stored)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -28,14 +28,29 @@ _INTERPOLATIONS: dict[str, InterpolationMode] = {
 }
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 3-channel RGB ('L', 'P', 'RGBA', 'CMYK', 16-bit 'I;16' ...).
+# EXIF tag 0x0112: how a camera's stored pixels must be turned to show the scene upright
+_EXIF_ORIENTATION = 0x0112
 
-    Alpha is dropped (as torchvision's and timm's loaders do). Grayscale beyond 8 bits is
-    rescaled by its mode, never by its pixel values (so a dark and a bright image of the same
-    kind scale alike): integer modes (``I;16*``, ``I``: 16-bit PNG and TIFF data) map 0..65535
-    to 0..255, float ``F`` maps 0..1 to 0..255; values outside are clipped.
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: turned and mirrored by its EXIF orientation tag (phone
+    and camera photos store the sensor's pixels and say in the tag how to turn them). Images
+    without the tag, or with the tag at 1 (upright), are returned as they are."""
+    if img.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as upright 3-channel RGB ('L', 'P', 'RGBA', 'CMYK', 16-bit 'I;16' ...).
+
+    The EXIF orientation is applied first (`upright`), as viewers and Hugging Face's
+    ``load_image`` do. Alpha is dropped (as torchvision's and timm's loaders do). Grayscale
+    beyond 8 bits is rescaled by its mode, never by its pixel values (so a dark and a bright
+    image of the same kind scale alike): integer modes (``I;16*``, ``I``: 16-bit PNG and TIFF
+    data) map 0..65535 to 0..255, float ``F`` maps 0..1 to 0..255; values outside are clipped.
     """
+    img = upright(img)
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
