@@ -87,6 +87,14 @@ def test_parse_spec_kinds_and_options(tmp_path: Path) -> None:
     assert spec.fractions == {"val": 0.1, "test": 0.25}
     assert parse_data_spec("builtin:Fashion-MNIST").target == "fashion-mnist"
     assert parse_data_spec(f"vtab:{tmp_path}").fractions == {}
+    odd = tmp_path / "what?" / "photos"  # '?' inside a folder name is not the options' start
+    odd.mkdir(parents=True)
+    spec = parse_data_spec(f"folder:{odd}?val=0.2")
+    assert spec.path == odd.resolve() and spec.fractions == {"val": 0.2}
+    assert parse_data_spec(f"folder:{odd}").path == odd.resolve()
+    last = tmp_path / "a?val=0.5"  # a name that reads like options: the folder wins
+    last.mkdir()
+    assert parse_data_spec(f"folder:{last}").path == last.resolve()
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,9 @@ def parse_data_spec(spec: str) -> DataSpec:
     kind = kind.lower()
     if not sep or kind not in SPEC_KINDS:
         raise DataError(_unknown_prefix_message(text))
-    target, _, query = rest.partition("?")
+    target, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
+    if kind != "builtin" and "?" in rest and Path(rest).expanduser().exists():
+        target, query = rest, ""  # a path with '?' in its name, and no options
     if not target:
         raise DataError(f"Dataset spec {spec!r} names no path or dataset after '{kind}:'.")
     if kind == "builtin":
