@@ -203,7 +203,11 @@ def test_attention_pooled_vit_needs_an_explicit_pool():
         ({"prompt_dropout": 1.5}, "prompt_dropout"),
         ({"init": "xavier"}, "init='xavier' is not one of"),
         ({"pool": "max"}, "pool='max' is not one of"),
-        ({"nonsense": 1}, "has no option"),
+        (
+            {"nonsense": 1},
+            r"has no option\(s\) \['nonsense'\]; its options are \[[^]]*\] \(see `vprompt methods`\)$",
+        ),
+        ({"seed": 3}, r"also name training options.*\(--seed\)"),  # --set seed=3 on VPT
     ],
 )
 def test_config_rejects_contradictions(options, message):

@@ -74,9 +74,19 @@ class MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
+            from vprompt.engine.config import FIELD_NAMES
+
+            training = [k for k in unknown if k in FIELD_NAMES]
+            hint = (
+                f"; {training} also name training options, which `--set` gives to a method "
+                "that has an option of that name (SPT's seed): set the training one with its "
+                "own flag (--seed) or in the YAML config"
+                if training
+                else ""
+            )
             raise ConfigError(
                 f"method '{cls.name}' has no option(s) {unknown}; its options are {sorted(known)} "
-                f"(see `vprompt methods`)"
+                f"(see `vprompt methods`){hint}"
             )
         return cls(**options)
 
