@@ -19,6 +19,7 @@ EXPECTED_METHODS = {
     "partial",
     "vpt-shallow",
     "vpt-deep",
+    "vpt-pad",
     "spt-shallow",
     "spt-deep",
     "pro-tuning",

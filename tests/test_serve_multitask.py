@@ -173,7 +173,10 @@ OTHER_BACKBONES = {
         TINY_VIT + "&class_token=false&global_pool=avg",
         ["vpt-deep", "vpt-shallow", "linear"],
     ),
-    "cnn": ("timm:resnet10t?pretrained=false", ["linear", "pro-tuning", "bitfit", "partial"]),
+    "cnn": (
+        "timm:resnet10t?pretrained=false",
+        ["linear", "pro-tuning", "bitfit", "partial", "vpt-pad"],
+    ),
 }
 
 

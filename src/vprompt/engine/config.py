@@ -79,6 +79,14 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     ),
     "vpt-shallow": _PROMPT_SGD,
     "vpt-deep": _PROMPT_SGD,
+    "vpt-pad": MethodDefaults(
+        "sgd",
+        0.1,
+        1e-4,
+        100,
+        "VPT recipe (the official code trains its ConvNet prompts with the same SGD recipe as "
+        "its ViT prompts); lr and wd from its grid",
+    ),
     "spt-shallow": _PROMPT_ADAMW,
     "spt-deep": _PROMPT_ADAMW,
     "pro-tuning": MethodDefaults(

@@ -1,7 +1,8 @@
 """Tuning methods: one module per method, registered by name.
 
 Importing this package registers every built-in method: ``linear``, ``full``, ``bitfit``,
-``partial``, ``vpt-shallow``, ``vpt-deep``, ``spt-shallow``, ``spt-deep`` and ``pro-tuning``.
+``partial``, ``vpt-shallow``, ``vpt-deep``, ``vpt-pad``, ``spt-shallow``, ``spt-deep`` and
+``pro-tuning``.
 """
 
 from vprompt.methods.base import ClassifierHead, Method, MethodConfig, PoolType, PromptedModel
@@ -16,6 +17,7 @@ from vprompt.methods.registry import (
 )
 from vprompt.methods.spt import SPTDeepConfig, SPTShallowConfig
 from vprompt.methods.vpt import VPTConfig, VPTDeepConfig, VPTShallowConfig
+from vprompt.methods.vpt_pad import VPTPadConfig
 
 __all__ = [
     "BitFitConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "SPTShallowConfig",
     "VPTConfig",
     "VPTDeepConfig",
+    "VPTPadConfig",
     "VPTShallowConfig",
     "attach",
     "get_method_class",

@@ -187,6 +187,12 @@ class Method(nn.Module):
         self.config = config
         self.grad_checkpointing = False
 
+    @classmethod
+    def for_backbone(cls, config: MethodConfig, backbone: Backbone) -> Method:
+        """The method for ``backbone`` (`attach` builds methods through this). Methods that
+        need more than the bare model (its input size, its preprocessing) override it."""
+        return cls(config, backbone.model)
+
     @property
     def num_prompt_tokens(self) -> int:
         """Prompt tokens after the backbone's prefix tokens in `forward_features` output."""

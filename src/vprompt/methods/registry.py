@@ -102,7 +102,7 @@ def attach(
     bb = as_backbone(backbone)
     config = make_config(method, **options)
     method_cls = get_method_class(config.name)
-    module = method_cls(config, bb.model)
+    module = method_cls.for_backbone(config, bb)
     model = PromptedModel(bb, module, num_classes=num_classes, class_names=class_names)
     # the method's and the head's new tensors are made on the CPU; a backbone already on an
     # accelerator would otherwise give a model on two devices that fails in its first forward

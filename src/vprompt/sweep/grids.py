@@ -51,6 +51,7 @@ _ADAMW_GRID = GridDefaults(
 DEFAULT_GRIDS: dict[str, GridDefaults] = {
     "vpt-shallow": _PROMPT_GRID,
     "vpt-deep": _PROMPT_GRID,
+    "vpt-pad": _PROMPT_GRID,
     "linear": GridDefaults(
         VPT_LRS, VPT_WDS, "VPT tune_vtab.py train_type 'linear' (same values as the prompt grid)"
     ),
