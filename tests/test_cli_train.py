@@ -113,6 +113,13 @@ def test_eval_defaults_to_the_subsample_training_reported(
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 6, r.output
     r = invoke("eval", run / "task", "--data", tiny_data_spec, "--size", "500", "-q")
     assert r.exit_code == 1 and "--size 500 but the test split" in r.stderr
+    # the run folder names its task/: same report, written into the run as for task/
+    r = invoke("eval", run, "--data", tiny_data_spec, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["top1"] == pytest.approx(trained["top1"])
+    assert (run / "eval-test" / "metrics.json").is_file()
+    assert not (tmp_path / "run-eval-test").exists()
+    assert vprompt.load_task(run).class_names == vprompt.load_task(run / "task").class_names
 
 
 def test_train_eval_predict(

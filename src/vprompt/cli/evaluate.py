@@ -35,7 +35,9 @@ def _format_eval(report: dict[str, Any]) -> str:
 
 
 def eval_command(
-    task_dir: Annotated[Path, typer.Argument(help="Task folder (a run's task/).")],
+    task_dir: Annotated[
+        Path, typer.Argument(help="Task folder (a run's task/, or the run folder).")
+    ],
     data: Annotated[str, Opt(help="Dataset spec with the task's classes.")],
     split: Annotated[Literal["train", "val", "test"], Opt(help="Split to evaluate.")] = "test",
     as_json: Annotated[bool, Opt("--json", help="Print the metrics as JSON.")] = False,
@@ -87,7 +89,9 @@ def eval_command(
 
 
 def predict_command(
-    task_dir: Annotated[Path, typer.Argument(help="Task folder (a run's task/).")],
+    task_dir: Annotated[
+        Path, typer.Argument(help="Task folder (a run's task/, or the run folder).")
+    ],
     images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     top_k: Annotated[int, Opt(min=1, help="Labels per image (at most the task's classes).")] = 5,
     batch_size: Annotated[int, Opt(min=1, help="Images per forward.")] = 32,

@@ -61,8 +61,11 @@ def _check_counts(**counts: int | None) -> None:
 
 
 def default_eval_dir(task_dir: Path, split: str) -> Path:
-    """``RUN_DIR/eval-<split>`` for a run's ``task/``, else ``<task_dir>-eval-<split>`` beside it."""
-    task_dir = task_dir.resolve()
+    """``RUN_DIR/eval-<split>`` for a run's ``task/`` (or the run folder given for it), else
+    ``<task_dir>-eval-<split>`` beside it."""
+    from vprompt.tasks.artifact import resolve_task_dir
+
+    task_dir = resolve_task_dir(task_dir).resolve()
     if (task_dir.parent / "config.yaml").is_file():
         return task_dir.parent / f"eval-{split}"
     return task_dir.parent / f"{task_dir.name}-eval-{split}"

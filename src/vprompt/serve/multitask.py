@@ -44,7 +44,13 @@ from vprompt.serve.groups import (
     group_kind,
 )
 from vprompt.serve.images import DEFAULT_MAX_PIXELS, decode_image
-from vprompt.tasks.artifact import check_backbone, load_task, read_task_info, task_size_bytes
+from vprompt.tasks.artifact import (
+    check_backbone,
+    load_task,
+    read_task_info,
+    resolve_task_dir,
+    task_size_bytes,
+)
 
 log = logging.getLogger("vprompt.serve")
 
@@ -188,6 +194,7 @@ class MultiTaskModel:
             TaskError: the directory is missing, corrupt or does not fit its method.
         """
         with self._reserve(name):
+            directory = resolve_task_dir(directory)  # a run folder names its task/
             info = read_task_info(directory)
             try:
                 check_backbone(info, self.backbone, directory)

@@ -85,9 +85,19 @@ def save_task(model: PromptedModel, directory: str | os.PathLike, **extra: Any) 
     return out
 
 
+def resolve_task_dir(directory: str | os.PathLike) -> Path:
+    """The task folder ``directory`` names: itself, or the ``task/`` inside a run folder (so a
+    run's folder can be given where its task is meant)."""
+    d = Path(directory).expanduser()
+    if not (d / TASK_JSON).exists() and (d / "task" / TASK_JSON).is_file():
+        return d / "task"
+    return d
+
+
 def read_task_info(directory: str | os.PathLike) -> TaskInfo:
-    """Read and check ``task.json`` without loading any tensor."""
-    d = Path(directory)
+    """Read and check ``task.json`` without loading any tensor (``directory``: a task folder or
+    a run folder, see `resolve_task_dir`)."""
+    d = resolve_task_dir(directory)
     if not d.is_dir():
         raise TaskError(
             f"task directory {d} does not exist; pass the folder that holds {TASK_JSON}"
@@ -135,7 +145,7 @@ def load_task(
     """Rebuild a trained task.
 
     Args:
-        directory: a folder written by `save_task`.
+        directory: a folder written by `save_task` (or a run folder: its ``task/``).
         backbone: the shared backbone to attach to (a `Backbone` or a bare timm model, as for
             `attach`), or a spec to load (at the task's image size unless the spec sets one);
             loaded from the task's own spec when None.
@@ -157,8 +167,9 @@ def load_task(
         backbone = backbone_for_task(info, backbone)
         backbone.model.to(map_location)
     backbone = as_backbone(backbone)
+    directory = resolve_task_dir(directory)
     check_backbone(info, backbone, directory)
-    tensors_path = Path(directory) / TASK_TENSORS
+    tensors_path = directory / TASK_TENSORS
     if not tensors_path.is_file():
         raise TaskError(f"{tensors_path} is missing; the task directory is incomplete")
     try:
@@ -279,5 +290,5 @@ def _preprocessing_differences(task: DataConfig, given: DataConfig) -> list[str]
 
 def task_size_bytes(directory: str | os.PathLike) -> int:
     """Bytes on disk of a task directory's two files."""
-    d = Path(directory)
+    d = resolve_task_dir(directory)
     return sum((d / f).stat().st_size for f in (TASK_JSON, TASK_TENSORS) if (d / f).exists())
