@@ -359,3 +359,29 @@ def test_grad_checkpointing_touches_only_a_backbone_the_task_owns():
         model(images("vit")).square().sum().backward()
         grads.append(model.backbone.blocks[0].attn.qkv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("full", {}), ("bitfit", {}), ("partial", {"k": 1})]
+)
+def test_attention_pool_never_trains(method, options):
+    """A ViT pooled by a learned attention pool (SigLIP's ``global_pool='map'``) is pooled by
+    vprompt's head instead, so the pool is unused: counted as trainable it never changed,
+    enlarged the task, and stopped every DDP step (a parameter without a gradient)."""
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        global_pool="map",
+        **{"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32, "patch_size": 8},
+    )
+    assert any(True for _ in vit.attn_pool.parameters())
+    model = attach(vit, method, num_classes=3, pool="patch-mean", **options)
+    trainable = dict(model.named_trainable_parameters())
+    assert trainable and not [n for n in trainable if ".attn_pool." in n]
+    assert not [n for n in model.task_state_dict() if ".attn_pool." in n]
+    model.train()
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
+    loss.backward()
+    assert [n for n, p in trainable.items() if p.grad is None] == []  # DDP needs every one

@@ -638,3 +638,36 @@ def test_bad_test_image_after_training_keeps_the_training(
     assert r.exit_code == 0, r.output
     assert (run / "steps.jsonl").read_text() == steps  # not one step trained again
     assert (run / "task" / "task.safetensors").is_file()
+
+
+def test_torchrun_errors_of_one_rank_are_shown_and_small_global_batches_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under torchrun only rank 0 printed: an unreadable image in rank 1's shard of a split
+    ended the run with nothing but gloo's 'connection closed'. Errors every rank meets alike
+    (bad options, a diverged loss) stay printed once. A global batch smaller than the number
+    of processes left some with empty batches (an IndexError in collate)."""
+    import typer
+
+    from vprompt.cli.train import cli_errors
+    from vprompt.engine.config import resolve_config
+    from vprompt.engine.trainer import resolved_schedule
+    from vprompt.errors import DataError, TrainingDiverged
+
+    def run(rank: str, error: Exception) -> str:
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit), cli_errors():
+            raise error
+        return capsys.readouterr().err
+
+    bad = DataError("Cannot read image file /d/val/red/3.png")
+    assert run("1", bad) == "[rank 1] error: Cannot read image file /d/val/red/3.png\n"
+    assert run("0", bad) == "error: Cannot read image file /d/val/red/3.png\n"
+    assert run("1", ConfigError("no such option")) == ""
+    assert run("1", TrainingDiverged("loss NaN")) == ""
+    cfg = resolve_config(
+        {"backbone": "b", "data": "d", "method": "linear", "epochs": 1, "batch_size": 2}
+    )
+    with pytest.raises(ConfigError, match="--batch-size 2 is smaller than the 3 processes"):
+        resolved_schedule(cfg, 100, world=3)
+    assert resolved_schedule(cfg, 100, world=2)["steps_per_epoch"] == 50

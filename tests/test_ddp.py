@@ -121,3 +121,51 @@ def test_two_processes_match_one_pro_tuning_cnn(tiny_data_spec: str, tmp_path: P
     task = load_file(str(tmp_path / "two" / "task" / "task.safetensors"))
     assert any(k.endswith("norm.running_var") for k in task)  # the BN under test is saved
     _compare(tmp_path / "one", tmp_path / "two", None)
+
+
+_STOP_AND_RESUME = """
+import sys
+from vprompt.engine import resume_run, train_run
+
+mode, out, backbone, data = sys.argv[1:5]
+values = {
+    "backbone": backbone, "data": data, "method": "vpt-deep", "epochs": 3, "batch_size": 9,
+    "val_size": 7, "test_size": 11, "device": "cpu", "deterministic": True,
+    "method_options": {"prompt_len": 2, "head_dropout": 0.5},
+}
+if mode == "whole":
+    train_run(values, out, quiet=True)
+elif mode == "stop":
+    train_run(values, out, quiet=True, on_epoch_end=lambda epoch, record: epoch < 1)
+else:
+    resume_run(out, quiet=True)
+"""
+
+
+def test_two_processes_stop_and_resume_with_dropout_as_uninterrupted(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+) -> None:
+    """Head dropout on uneven shares (batch 9: 5 + 4 images) draws different amounts of random
+    numbers on the two ranks; the checkpoint held rank 0's RNG state only, so a resumed rank 1
+    drew other masks than an uninterrupted run (task tensors 3e-3 apart). Masks now come from
+    (seed, step, rank)."""
+    script = tmp_path / "run.py"
+    script.write_text(_STOP_AND_RESUME)
+
+    def torchrun(*args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", "2", str(script), *args, tiny_vit_spec, tiny_data_spec]
+        p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    torchrun("whole", str(tmp_path / "whole"))
+    torchrun("stop", str(tmp_path / "stopped"))
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["stopped_at_epoch"] == 1
+    torchrun("resume", str(tmp_path / "stopped"))
+    whole = load_file(str(tmp_path / "whole" / "task" / "task.safetensors"))
+    resumed = load_file(str(tmp_path / "stopped" / "task" / "task.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    losses = [s["loss"] for s in read_jsonl(tmp_path / "whole" / "steps.jsonl")]
+    assert losses == [s["loss"] for s in read_jsonl(tmp_path / "stopped" / "steps.jsonl")]

@@ -27,6 +27,18 @@ def _echo_err(message: str) -> None:
         typer.echo(message, err=True)
 
 
+def _echo_error(e: VPromptError) -> None:
+    """Rank 0 prints every error. Under torchrun another rank prints its own too, marked with
+    its rank, unless every rank meets it alike (bad options, a diverged loss: reduced over all
+    ranks): an unreadable image in its shard of a split is only ever seen by that rank."""
+    from vprompt.errors import TrainingDiverged
+
+    if _is_main_rank():
+        typer.echo(f"error: {e}", err=True)
+    elif not isinstance(e, (ConfigError, TrainingDiverged)):
+        typer.echo(f"[rank {os.environ.get('RANK')}] error: {e}", err=True)
+
+
 @contextlib.contextmanager
 def cli_errors(resume_hint: Path | None = None) -> Iterator[None]:
     """Turn vprompt errors into one clear line on stderr and an exit code (no traceback)."""
@@ -49,10 +61,10 @@ def cli_errors(resume_hint: Path | None = None) -> Iterator[None]:
             _echo_err("interrupted before the first checkpoint (nothing to resume)")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except ConfigError as e:
-        _echo_err(f"error: {e}")
+        _echo_error(e)
         raise typer.Exit(EXIT_USAGE) from None
     except VPromptError as e:
-        _echo_err(f"error: {e}")
+        _echo_error(e)
         raise typer.Exit(EXIT_ERROR) from None
     finally:
         shutdown_distributed()

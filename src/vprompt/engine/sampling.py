@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 _MIX = 1_000_003
 
 
-def _mixed(seed: int, *parts: int) -> int:
+def mix_seed(seed: int, *parts: int) -> int:
     """``seed`` and ``parts`` mixed into one torch seed (below 2**63 it is the plain formula,
     so existing runs keep their numbers; larger seeds wrap instead of overflowing)."""
     value = seed
@@ -34,7 +34,7 @@ def global_batches(
     The last, incomplete batch is kept unless it has fewer than ``max(2, world)`` images (the
     head's BatchNorm needs two, and every process needs one).
     """
-    g = torch.Generator().manual_seed(_mixed(seed, epoch))
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch))
     order = torch.randperm(n, generator=g).tolist()
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if batches and len(batches[-1]) < batch_size and len(batches[-1]) < max(2, world):
@@ -99,7 +99,7 @@ class SeededItems(Dataset):
         if not self.random:
             return self.dataset[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mixed(self.seed, epoch, i))
+            torch.manual_seed(mix_seed(self.seed, epoch, i))
             return self.dataset[i]
 
 

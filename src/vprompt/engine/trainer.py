@@ -40,7 +40,13 @@ from vprompt.engine.evaluate import autocast, predict_split, summarize
 from vprompt.engine.features import head_inputs, use_feature_cache
 from vprompt.engine.optim import WarmupCosine, build_optimizer
 from vprompt.engine.progress import Reporter
-from vprompt.engine.sampling import EpochBatches, SeededItems, shard_range, steps_per_epoch
+from vprompt.engine.sampling import (
+    EpochBatches,
+    SeededItems,
+    mix_seed,
+    shard_range,
+    steps_per_epoch,
+)
 from vprompt.errors import ConfigError, TrainingDiverged, TrainingError
 from vprompt.methods.base import PromptedModel
 
@@ -148,6 +154,12 @@ def seed_everything(seed: int) -> None:
 
 def resolved_schedule(cfg: TrainConfig, n_train: int, world: int = 1) -> dict[str, Any]:
     """Derived numbers stored in ``config.yaml``: actual lr, steps, warm-up steps."""
+    if cfg.batch_size < world:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is smaller than the {world} processes: the batch is "
+            f"global and every process needs at least one image per step; use --batch-size >= "
+            f"{world} or fewer processes"
+        )
     spe = steps_per_epoch(n_train, cfg.batch_size, world)
     if spe == 0:
         raise ConfigError(
@@ -380,6 +392,13 @@ class Loop:
         """
         lr = self.schedule.apply()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.info.world > 1:
+            # Dropout / drop-path masks from a stream of this process and step: processes draw
+            # different masks (one seed on every rank gave equal masks to their i-th rows), and
+            # a resumed run draws the masks of an uninterrupted one with the same number of
+            # processes (the checkpoint holds rank 0's RNG state, which other ranks' uneven
+            # shares make differ from theirs).
+            torch.manual_seed(mix_seed(self.cfg.seed, self.state.global_step, self.info.rank))
         with autocast(self.info.device, self.cfg.precision):
             logits = self.net(x)
         loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")

@@ -3,8 +3,9 @@
 What trains is decided from module structure, never from substrings of parameter names:
 
 * ``linear``: the head only.
-* ``full``: every backbone parameter (except the backbone's own classifier, which vprompt's head
-  replaces), with dropout, drop-path and batch-norm statistics in training behaviour.
+* ``full``: every backbone parameter (except the backbone's own classifier and a ViT's attention
+  pool, which vprompt's head replaces), with dropout, drop-path and batch-norm statistics in
+  training behaviour.
 * ``bitfit``: every bias term: the ``bias`` of each module that has one (Linear, Conv, norms...)
   and the split attention biases of EVA / BEiT (``q_bias``, ``v_bias``).
 * ``partial``: the last k blocks (ViTs) or stages (CNNs, found through timm's ``feature_info``)
@@ -90,22 +91,32 @@ def feature_stages(backbone: nn.Module) -> list[StageInfo]:
     return stages
 
 
-def classifier_parameter_ids(backbone: nn.Module) -> set[int]:
-    """Ids of the parameters of the backbone's own classifier (timm ``get_classifier()``).
+def unused_parameter_ids(backbone: nn.Module) -> set[int]:
+    """Ids of the backbone parameters vprompt's forward never uses, which therefore never train.
 
-    vprompt puts its own head on the pooled features, so the backbone's classifier (an identity
-    when the model was created with ``num_classes=0``) never trains.
+    The backbone's own classifier (timm ``get_classifier()``; an identity when the model was
+    created with ``num_classes=0``): vprompt puts its own head on the pooled features. And a
+    ViT's learned attention pool (``attn_pool``, SigLIP's ``global_pool='map'``): vprompt's
+    heads pool the tokens themselves (`resolve_pool`). Counted as trainable they would never
+    change, enlarge the task, and stop every step under DDP (a parameter without a gradient).
     """
+    unused: list[nn.Module] = []
     get = getattr(backbone, "get_classifier", None)
     head = get() if callable(get) else None
-    return {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    if isinstance(head, nn.Module):
+        unused.append(head)
+    attn_pool = getattr(backbone, "attn_pool", None)
+    if isinstance(attn_pool, nn.Module):
+        unused.append(attn_pool)
+    return {id(p) for m in unused for p in m.parameters()}
 
 
 def _direct_parameters(
     backbone: nn.Module, module_names: list[str]
 ) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters registered directly on the named modules (no recursion), classifier excluded."""
-    skip = classifier_parameter_ids(backbone)
+    """Parameters registered directly on the named modules (no recursion), unused ones
+    (`unused_parameter_ids`) excluded."""
+    skip = unused_parameter_ids(backbone)
     seen: set[int] = set()
     for module_name in module_names:
         module = backbone.get_submodule(module_name)
@@ -165,7 +176,7 @@ class FullFineTune(Method):
     backbone_train_mode: ClassVar[bool] = True
 
     def backbone_parameters(self, backbone: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        skip = classifier_parameter_ids(backbone)
+        skip = unused_parameter_ids(backbone)
         return ((n, p) for n, p in backbone.named_parameters() if id(p) not in skip)
 
 
@@ -195,7 +206,7 @@ class BitFit(Method):
     trains_backbone: ClassVar[bool] = True
 
     def backbone_parameters(self, backbone: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        skip = classifier_parameter_ids(backbone)
+        skip = unused_parameter_ids(backbone)
         for name, bias in bias_parameters(backbone):  # named_parameters: each tensor once
             if id(bias) not in skip:
                 yield name, bias
