@@ -205,17 +205,18 @@ class Setup:
     grid: tuple[float, ...] = (0.25, 1.0, 4.0)
     grid_exceptions: str = ""
     grid_note: str = (
-        "a 16x span centred on the default, which the DESIGN notes found stable on `dinov2-s` "
+        "a 16x span centred on the default, which that first probe found stable on `dinov2-s` "
         "where VPT's larger grid values diverged; x4 leaves room for the short 10-epoch "
         "schedule, x0.25 for methods that overshoot"
     )
     training_note: str = (
-        "the same for every method: the DESIGN notes found 5 epochs too few for prompts to move "
-        "from their initialisation and 10-20 needed, and 10 is what the compute allows"
+        "the same for every method: a first probe of the methods on this machine (1k protocol, "
+        "5 epochs, one seed) found 5 epochs too few for prompts to move from their "
+        "initialisation and 10-20 needed, and 10 is what the compute allows"
     )
     image_note: str = (
-        "both backbones at 112 px: DINOv2-S as the DESIGN notes measured it (about 25-30 img/s "
-        "for prompt training here), EfficientNet-Lite0 (pretrained at 224 px) at the same "
+        "both backbones at 112 px: DINOv2-S at the size measured for prompt training on this "
+        "machine (about 25-30 img/s), EfficientNet-Lite0 (pretrained at 224 px) at the same "
         "112 px so both see the same images and the CNN cells stay cheap"
     )
     prompt_len: int = 10
@@ -281,8 +282,8 @@ FULL = Setup(
     "has 2 points: the default 1e-4 and 2.5e-5 below it (fine-tuning a pretrained ViT on 800 "
     "images is more at risk of overshooting than of undershooting); EfficientNet-Lite0's full "
     "fine-tuning is cheap and gets the 3-point grid.",
-    # Seconds per run on the whole 2-core machine, before any run is recorded (from the DESIGN
-    # notes' 25-30 img/s for DINOv2-S prompts at 112 px and about 2x that cost for full tuning).
+    # Seconds per run on the whole 2-core machine, before any run is recorded (from the
+    # measured 25-30 img/s for DINOv2-S prompts at 112 px and about 2x that cost for full tuning).
     prior_seconds={
         "dinov2-s/linear": 70,
         "dinov2-s/full": 720,
