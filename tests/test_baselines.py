@@ -385,3 +385,11 @@ def test_attention_pool_never_trains(method, options):
     loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
     loss.backward()
     assert [n for n, p in trainable.items() if p.grad is None] == []  # DDP needs every one
+    # tasks and checkpoints written while the pool still counted carry it: they still load
+    old = model.task_state_dict()
+    old.update({f"backbone.attn_pool.{n}": p.clone() for n, p in vit.attn_pool.named_parameters()})
+    again = attach(vit, method, num_classes=3, pool="patch-mean", **options)
+    again.load_task_state_dict(old)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model.eval()(x))

@@ -264,7 +264,7 @@ def test_existing_run_dir_needs_overwrite(
 
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(
-    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The old run is replaced only once backbone, data and model of the new one are built;
     a start that fails never leaves an empty --out behind."""
@@ -285,6 +285,15 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(
         assert sorted(p.name for p in run.iterdir()) == before, argv
     r = invoke(*train_args(tiny_vit_spec, f"folder:{missing}", tmp_path / "new"), "--quiet")
     assert r.exit_code != 0 and not (tmp_path / "new").exists()
+    # a schedule the processes cannot run (batch 2 over 3 processes) is refused before too
+    from vprompt.engine import run as run_module
+
+    real = run_module.resolved_schedule
+    monkeypatch.setattr(run_module, "resolved_schedule", lambda cfg, n, world: real(cfg, n, 3))
+    r = invoke(*args, "--batch-size", "2", "--overwrite", "--quiet")
+    assert r.exit_code == 2 and "smaller than the 3 processes" in r.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
+    monkeypatch.undo()
     assert invoke(*args, "--overwrite", "--quiet").exit_code == 0  # eval-test/ is no obstacle
     assert not (run / "eval-test").exists()
 
@@ -641,7 +650,7 @@ def test_bad_test_image_after_training_keeps_the_training(
 
 
 def test_torchrun_errors_of_one_rank_are_shown_and_small_global_batches_refused(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Under torchrun only rank 0 printed: an unreadable image in rank 1's shard of a split
     ended the run with nothing but gloo's 'connection closed'. Errors every rank meets alike
@@ -652,7 +661,7 @@ def test_torchrun_errors_of_one_rank_are_shown_and_small_global_batches_refused(
     from vprompt.cli.train import cli_errors
     from vprompt.engine.config import resolve_config
     from vprompt.engine.trainer import resolved_schedule
-    from vprompt.errors import DataError, TrainingDiverged
+    from vprompt.errors import DataError, TrainingDiverged, UnreadableImage
 
     def run(rank: str, error: Exception) -> str:
         monkeypatch.setenv("RANK", rank)
@@ -660,11 +669,18 @@ def test_torchrun_errors_of_one_rank_are_shown_and_small_global_batches_refused(
             raise error
         return capsys.readouterr().err
 
-    bad = DataError("Cannot read image file /d/val/red/3.png")
+    bad = UnreadableImage("Cannot read image file /d/val/red/3.png")
     assert run("1", bad) == "[rank 1] error: Cannot read image file /d/val/red/3.png\n"
     assert run("0", bad) == "error: Cannot read image file /d/val/red/3.png\n"
-    assert run("1", ConfigError("no such option")) == ""
-    assert run("1", TrainingDiverged("loss NaN")) == ""
+    from vprompt.data.records import FileLoader
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    for name in ("broken.png", "gone.png"):  # what a process meets loading its share
+        with pytest.raises(UnreadableImage, match=name):
+            FileLoader().load(str(tmp_path / name))
+    for everyones in (ConfigError("no option"), DataError("no folder"), TrainingDiverged("NaN")):
+        assert run("1", everyones) == ""  # every rank meets these: rank 0 says it once
+        assert run("0", everyones) == f"error: {everyones}\n"
     cfg = resolve_config(
         {"backbone": "b", "data": "d", "method": "linear", "epochs": 1, "batch_size": 2}
     )

@@ -513,6 +513,8 @@ def test_suite_tables_per_dataset_and_group(tmp_path: Path) -> None:
     assert fixed.mean_of_groups("linear") == pytest.approx((0.805 + 0.405) / 2)
     two = datasets_from_specs(["builtin:digits", "builtin:digits?val=0.2"])
     assert [d.name for d in unique_names(two)] == ["digits", "digits-2"]
+    odd = datasets_from_specs(["folder:/data/what?/photos?val=0.1", "csv:/d/x.csv?test=0.2"])
+    assert [d.name for d in odd] == ["photos", "x.csv"]  # the '?' of a folder name is kept
 
 
 def test_suite_json_is_strict_json_while_a_cell_is_missing(tmp_path: Path) -> None:

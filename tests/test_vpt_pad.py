@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
 import vprompt
@@ -30,7 +31,7 @@ def _normalised(t: torch.Tensor, bb) -> torch.Tensor:
 def test_frame_layout_init_and_parameter_count(bb, single_thread):
     p, s, b = 3, SIZE, 2
     model = vprompt.attach(bb, "vpt-pad", num_classes=4, prompt_len=p)
-    assert model.config.img_size == s  # filled in from the backbone
+    assert model.method.img_size == s  # the backbone's input size
     tb, lr = model.method.prompt_tb.detach(), model.method.prompt_lr.detach()
     assert sum(t.numel() for t in model.method.parameters()) == 12 * p * (s + p)
     assert min(tb.min(), lr.min()) >= 0 and max(tb.max(), lr.max()) < 1  # pixel values
@@ -81,8 +82,8 @@ def test_task_round_trip_stores_the_size(bb, tmp_path, single_thread):
     with torch.no_grad():
         model.method.prompt_tb.add_(torch.randn_like(model.method.prompt_tb))
     model.save_task(tmp_path / "t")
-    options = json.loads((tmp_path / "t" / "task.json").read_text())["options"]
-    assert options["img_size"] == SIZE and options["prompt_len"] == 2
+    meta = json.loads((tmp_path / "t" / "task.json").read_text())
+    assert meta["options"]["prompt_len"] == 2 and meta["data_config"]["input_size"][-1] == SIZE
     loaded = vprompt.load_task(tmp_path / "t", backbone=bb)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -94,8 +95,10 @@ def test_task_round_trip_stores_the_size(bb, tmp_path, single_thread):
 def test_refusals_say_what_to_do(bb, tiny_vit_spec, single_thread):
     with pytest.raises(ConfigError, match=r"ConvNet variant.*'vpt-shallow' or 'vpt-deep'"):
         vprompt.attach(load_backbone(tiny_vit_spec), "vpt-pad", num_classes=2)
-    with pytest.raises(ConfigError, match="set up for 64 px images but the backbone takes 32"):
-        vprompt.attach(bb, "vpt-pad", num_classes=2, img_size=64)
+    # patches, not a ViT: token-mixing MLPs of a fixed size
+    mixer = MlpMixer(num_classes=0, img_size=32, patch_size=16, num_blocks=1, embed_dim=16)
+    with pytest.raises(ConfigError, match=r"ConvNet variant.*MlpMixer"):
+        vprompt.attach(mixer, "vpt-pad", num_classes=2)
     model = vprompt.attach(bb, "vpt-pad", num_classes=2)
     with pytest.raises(ConfigError, match="resize the images to 32 px"):
         model(torch.randn(1, 3, 40, 40))
@@ -118,3 +121,36 @@ def test_fit_trains_it_with_the_vpt_recipe(bb, tiny_data_spec, single_thread):
     assert not torch.equal(model.method.prompt_lr, start)
     cfg = fit_config(model, splits, TrainConfig(epochs=1))
     assert (cfg.optimizer, cfg.lr) == ("sgd", 0.1)  # VPT's SGD recipe, as for its ViT prompts
+
+
+def test_grad_checkpointing_uses_the_backbones_segments_for_this_forward_only(bb, single_thread):
+    """The frame's gradient passes through every layer of the frozen CNN: checkpointing must
+    cover the backbone (it did nothing before), with the same gradients, and leave the shared
+    backbone's own setting as it was."""
+    torch.manual_seed(0)
+    model = vprompt.attach(bb, "vpt-pad", num_classes=3, prompt_len=2).double()
+    x, y = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64), torch.tensor([0, 2])
+    seen: dict[bool, list[bool]] = {False: [], True: []}
+    grads = []
+    try:
+        for enable in (False, True):
+            hook = bb.model.layer1[0].register_forward_pre_hook(
+                lambda m, a, enable=enable: seen[enable].append(bb.model.grad_checkpointing)
+            )
+            model.set_grad_checkpointing(enable)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            grads.append(model.method.prompt_tb.grad.clone())
+            hook.remove()
+    finally:
+        model.set_grad_checkpointing(False)
+        model.float()
+    assert seen[False] == [False]
+    # segments on in the forward, and the block ran again in backward (the recomputation; the
+    # flag was already back off by then)
+    assert seen[True] == [True, False]
+    assert bb.model.grad_checkpointing is False
+    torch.testing.assert_close(grads[1], grads[0])
+    with torch.no_grad():  # inference: no checkpointing to switch on
+        model(x.float())
+    assert bb.model.grad_checkpointing is False

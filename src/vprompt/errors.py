@@ -17,6 +17,11 @@ class DataError(VPromptError):
     """A dataset spec, file or split that cannot be read."""
 
 
+class UnreadableImage(DataError):
+    """An image file that is missing or cannot be decoded when it is loaded. Under torchrun
+    only the process whose share of the data holds it meets this error."""
+
+
 class TaskError(VPromptError):
     """A task artifact that is missing, corrupt or made for another backbone."""
 

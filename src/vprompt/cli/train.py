@@ -28,14 +28,14 @@ def _echo_err(message: str) -> None:
 
 
 def _echo_error(e: VPromptError) -> None:
-    """Rank 0 prints every error. Under torchrun another rank prints its own too, marked with
-    its rank, unless every rank meets it alike (bad options, a diverged loss: reduced over all
-    ranks): an unreadable image in its shard of a split is only ever seen by that rank."""
-    from vprompt.errors import TrainingDiverged
+    """Rank 0 prints every error. Under torchrun another rank also prints, marked with its rank,
+    the errors only it can meet (an unreadable image in its share of a split); the others
+    (options, data layout, a diverged loss: reduced over all ranks) every rank meets alike."""
+    from vprompt.errors import UnreadableImage
 
     if _is_main_rank():
         typer.echo(f"error: {e}", err=True)
-    elif not isinstance(e, (ConfigError, TrainingDiverged)):
+    elif isinstance(e, UnreadableImage):
         typer.echo(f"[rank {os.environ.get('RANK')}] error: {e}", err=True)
 
 

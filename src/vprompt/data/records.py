@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vprompt.errors import DataError
+from vprompt.errors import UnreadableImage
 
 Source = str | int
 
@@ -70,12 +70,12 @@ class FileLoader:
                 with Image.open(path) as img:
                     img.load()  # decode now; the file is closed on leaving the block
         except FileNotFoundError:
-            raise DataError(
+            raise UnreadableImage(
                 f"Image file {path} does not exist; fix the folder, list or CSV that names it, "
                 "or pass skip_bad=True (--skip-bad) to drop missing and unreadable images."
             ) from None
         except _READ_ERRORS as e:
-            raise DataError(
+            raise UnreadableImage(
                 f"Cannot read image file {path} ({type(e).__name__}: {e}); replace or delete it, "
                 "or pass skip_bad=True (--skip-bad) to drop unreadable images up front."
             ) from e

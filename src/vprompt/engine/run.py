@@ -197,7 +197,9 @@ def _execute(
         check_patch_grid(bb.model, bb.img_size, bb.spec)
     splits = build_data(cfg, bb)
     model = build_model(cfg, bb, splits)
-    if fresh:  # backbone, data and model are good: only now replace or create the directory
+    # the schedule's own checks (a batch per process, a batch's worth of training images)
+    resolved = resolved_schedule(cfg, len(splits.train), info.world)
+    if fresh:  # backbone, data, model and schedule are good: only now replace or create the run
         with on_main(info):
             if info.is_main:
                 run.create(overwrite=overwrite)
@@ -205,7 +207,6 @@ def _execute(
         bb = model.backbone_info  # lets a backbone the method copied (full, bitfit...) be freed
     cfg.method_options = model.config.to_dict()
     cfg.img_size = bb.img_size
-    resolved = resolved_schedule(cfg, len(splits.train), info.world)
     resolved.update(
         backbone_arch=bb.arch,
         backbone_fingerprint=bb.fingerprint,

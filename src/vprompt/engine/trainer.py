@@ -398,7 +398,8 @@ class Loop:
             # a resumed run draws the masks of an uninterrupted one with the same number of
             # processes (the checkpoint holds rank 0's RNG state, which other ranks' uneven
             # shares make differ from theirs).
-            torch.manual_seed(mix_seed(self.cfg.seed, self.state.global_step, self.info.rank))
+            # (a fourth part keeps this stream apart from augmentation's (seed, epoch, index))
+            torch.manual_seed(mix_seed(self.cfg.seed, self.state.global_step, self.info.rank, 1))
         with autocast(self.info.device, self.cfg.precision):
             logits = self.net(x)
         loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")

@@ -249,6 +249,26 @@ def is_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
+def unused_parameter_ids(backbone: nn.Module) -> set[int]:
+    """Ids of the backbone parameters vprompt's forward never uses, which therefore never train.
+
+    The backbone's own classifier (timm ``get_classifier()``; an identity when the model was
+    created with ``num_classes=0``): vprompt puts its own head on the pooled features. And a
+    ViT's learned attention pool (``attn_pool``, SigLIP's ``global_pool='map'``): vprompt's
+    heads pool the tokens themselves (`resolve_pool`). Counted as trainable they would never
+    change, enlarge the task, and stop every step under DDP (a parameter without a gradient).
+    """
+    unused: list[nn.Module] = []
+    get = getattr(backbone, "get_classifier", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module):
+        unused.append(head)
+    attn_pool = getattr(backbone, "attn_pool", None)
+    if isinstance(attn_pool, nn.Module):
+        unused.append(attn_pool)
+    return {id(p) for m in unused for p in m.parameters()}
+
+
 def resolve_pool(pool: PoolType, backbone: nn.Module) -> PoolType:
     """Turn ``auto`` into the backbone's own pooling and check the choice fits the backbone."""
     if not is_vit(backbone):
@@ -496,6 +516,14 @@ class PromptedModel(nn.Module):
     def load_task_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Strict inverse of `task_state_dict`: every key must be there with its shape."""
         expected = self._task_tensors()  # shapes only: no copy (a full fine-tune is a backbone)
+        # Tasks and checkpoints from before unused weights (a ViT's attention pool) were left
+        # out carry them under full / bitfit / partial; they never had a gradient, so they are
+        # the frozen values and are dropped.
+        unused = unused_parameter_ids(self.backbone)
+        never_trained = {
+            f"backbone.{n}" for n, p in self.backbone.named_parameters() if id(p) in unused
+        }
+        state = {k: v for k, v in state.items() if k in expected or k not in never_trained}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         shapes = [

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from vprompt.errors import ConfigError
-from vprompt.methods.base import Method, MethodConfig, is_vit
+from vprompt.methods.base import Method, MethodConfig, is_vit, unused_parameter_ids
 from vprompt.methods.registry import register_method
 
 __all__ = [
@@ -89,26 +89,6 @@ def feature_stages(backbone: nn.Module) -> list[StageInfo]:
             ) from None
         stages.append(StageInfo(i, name, int(entry["num_chs"]), int(entry["reduction"])))
     return stages
-
-
-def unused_parameter_ids(backbone: nn.Module) -> set[int]:
-    """Ids of the backbone parameters vprompt's forward never uses, which therefore never train.
-
-    The backbone's own classifier (timm ``get_classifier()``; an identity when the model was
-    created with ``num_classes=0``): vprompt puts its own head on the pooled features. And a
-    ViT's learned attention pool (``attn_pool``, SigLIP's ``global_pool='map'``): vprompt's
-    heads pool the tokens themselves (`resolve_pool`). Counted as trainable they would never
-    change, enlarge the task, and stop every step under DDP (a parameter without a gradient).
-    """
-    unused: list[nn.Module] = []
-    get = getattr(backbone, "get_classifier", None)
-    head = get() if callable(get) else None
-    if isinstance(head, nn.Module):
-        unused.append(head)
-    attn_pool = getattr(backbone, "attn_pool", None)
-    if isinstance(attn_pool, nn.Module):
-        unused.append(attn_pool)
-    return {id(p) for m in unused for p in m.parameters()}
 
 
 def _direct_parameters(

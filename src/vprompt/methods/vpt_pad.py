@@ -14,15 +14,17 @@ draws the prompt pixels uniformly in [0, 1), raw pixel values that go through th
 input normalisation ((v - mean) / std) at every forward, like the image they surround;
 ``init='normal'`` draws standard-normal values used as they are (the official "gaussian").
 The prompts do not depend on the input; they are 12 p (s + p) numbers (13,740 for p = 5 at
-224 px).
+224 px). Their shapes follow the backbone's input size s, which a task stores (and checks on
+loading) as its image size, so the method has no size option of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from timm.layers import PatchEmbed
 from torch import nn
 
 from vprompt.backbones.base import Backbone
@@ -45,21 +47,16 @@ class VPTPadConfig(MethodConfig):
         prompt_len: width of the frame on each side, in pixels (the official ``NUM_TOKENS``,
             default 5).
         init: how the prompt pixels start (see `PadInit`).
-        img_size: side of the images the frame surrounds. None: the backbone's input size, filled
-            in by `attach` and stored with the task.
     """
 
     name: ClassVar[str] = "vpt-pad"
     prompt_len: int = 5
     init: PadInit = "uniform"
-    img_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_at_least(self, "prompt_len", 1)
         check_choice(self, "init", PadInit)
-        if self.img_size is not None:
-            check_at_least(self, "img_size", 1)
 
 
 @register_method
@@ -73,22 +70,28 @@ class VPTPad(Method):
         self,
         config: VPTPadConfig,
         backbone: nn.Module,
-        mean: tuple[float, ...] = (0.0, 0.0, 0.0),
-        std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        *,
+        img_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
     ) -> None:
+        """Built by `attach` (through `for_backbone`), which knows the backbone's input size
+        ``img_size`` and its normalisation ``mean`` / ``std``."""
         super().__init__(config, backbone)
-        if is_vit(backbone) or hasattr(backbone, "patch_embed"):
+        tokenised = is_vit(backbone) or any(isinstance(m, PatchEmbed) for m in backbone.modules())
+        if tokenised or hasattr(backbone, "patch_embed"):
             raise ConfigError(
                 f"vpt-pad is VPT's ConvNet variant: it makes the input 2 x prompt_len pixels "
-                f"larger, which {type(backbone).__name__} (built for one input size) does not "
-                "take; for transformers use 'vpt-shallow' or 'vpt-deep'"
+                f"larger, which {type(backbone).__name__} (its patch embedding is built for one "
+                "input size) does not take; for transformers use 'vpt-shallow' or 'vpt-deep'"
             )
-        if config.img_size is None:
+        if len(mean) != 3 or len(std) != 3:
             raise ConfigError(
-                "vpt-pad needs img_size (the side of the images it frames); attach() fills it in "
-                "from the backbone"
+                f"vpt-pad frames 3-channel images; the backbone's preprocessing has "
+                f"{len(mean)} mean values"
             )
-        p, s = config.prompt_len, config.img_size
+        self.img_size = int(img_size)
+        p, s = config.prompt_len, self.img_size
         self.prompt_tb = nn.Parameter(torch.empty(1, 3, 2 * p, s + 2 * p))
         self.prompt_lr = nn.Parameter(torch.empty(1, 3, s, 2 * p))
         normalise = config.init == "uniform"
@@ -109,26 +112,12 @@ class VPTPad(Method):
     @classmethod
     def for_backbone(cls, config: MethodConfig, backbone: Backbone) -> VPTPad:
         assert isinstance(config, VPTPadConfig)
-        size = backbone.img_size
-        if config.img_size is None:
-            config = replace(config, img_size=size)
-        elif config.img_size != size:
-            raise ConfigError(
-                f"vpt-pad was set up for {config.img_size} px images but the backbone takes "
-                f"{size} px; load the backbone with img_size={config.img_size} (or leave img_size "
-                "out of the method options)"
-            )
         cfg = backbone.data_config
-        if len(cfg.mean) != 3 or len(cfg.std) != 3:
-            raise ConfigError(
-                f"vpt-pad frames 3-channel images; the backbone's preprocessing has "
-                f"{len(cfg.mean)} mean values"
-            )
-        return cls(config, backbone.model, mean=tuple(cfg.mean), std=tuple(cfg.std))
+        return cls(config, backbone.model, img_size=backbone.img_size, mean=cfg.mean, std=cfg.std)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, s, s) -> framed images (B, 3, s + 2p, s + 2p)."""
-        s, p = self.config.img_size, self.config.prompt_len
+        s, p = self.img_size, self.config.prompt_len
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ConfigError(
                 f"vpt-pad frames images of shape (B, 3, {s}, {s}), the size it was trained at; "
@@ -141,4 +130,20 @@ class VPTPad(Method):
         return torch.cat([tb[:, :, :p], x, tb[:, :, p:]], dim=-2)
 
     def forward_features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return backbone.forward_features(self.pad(x))
+        x = self.pad(x)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return backbone.forward_features(x)
+        # The gradient reaches the frame through every layer of the frozen CNN, so its
+        # activations are what checkpointing saves: timm's own segments, switched on for this
+        # forward only (the backbone is shared with other tasks).
+        if not hasattr(backbone, "set_grad_checkpointing"):
+            raise ConfigError(
+                f"{type(backbone).__name__} has no set_grad_checkpointing; train vpt-pad on it "
+                "without gradient checkpointing"
+            )
+        before = bool(getattr(backbone, "grad_checkpointing", False))
+        backbone.set_grad_checkpointing(True)
+        try:
+            return backbone.forward_features(x)
+        finally:
+            backbone.set_grad_checkpointing(before)

@@ -144,7 +144,11 @@ class SweepResult:
             },
             "epochs": self.epochs,
             "rule": TIE_RULE,
-            "choice": {"lr": self.choice.lr, "wd": self.choice.wd, "val_top1": self.choice_val},
+            "choice": {
+                "lr": self.choice.lr,
+                "wd": self.choice.wd,
+                "val_top1": finite_or_none(self.choice_val),
+            },
             "test": {
                 "mean": finite_or_none(self.test_mean),
                 "std": finite_or_none(self.test_std),
@@ -152,7 +156,7 @@ class SweepResult:
                 "per_seed": [
                     {
                         "seed": f.seed,
-                        "top1": f.test_top1,
+                        "top1": finite_or_none(f.test_top1),
                         "run_dir": f.run_dir,
                         "task_dir": f.task_dir,
                     }

@@ -176,7 +176,9 @@ def write_reports(result: SweepResult) -> None:
     """Write every output file into ``result.out``."""
     write_search_reports(result)
     out = result.out
-    (out / SUMMARY_JSON).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    (out / SUMMARY_JSON).write_text(
+        json.dumps(result.to_dict(), indent=2, default=str, allow_nan=False) + "\n"
+    )
     (out / SUMMARY_MD).write_text(summary_markdown(result))
 
 

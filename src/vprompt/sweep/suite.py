@@ -50,8 +50,14 @@ class SuiteDataset:
 
 def dataset_name(spec: str) -> str:
     """A short name from a data spec: the last path component or the builtin name."""
-    target = spec.split(":", 1)[-1].split("?", 1)[0].rstrip("/")
-    name = target.rsplit("/", 1)[-1] or spec
+    from vprompt.data import parse_data_spec
+    from vprompt.errors import DataError
+
+    try:
+        target = parse_data_spec(spec).target  # options cut where the data specs cut them
+    except DataError:
+        target = spec.split(":", 1)[-1].rpartition("?")[0] or spec.split(":", 1)[-1]
+    name = target.rstrip("/").rsplit("/", 1)[-1] or spec
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
