@@ -894,6 +894,19 @@ def test_final_run_written_before_an_option_existed_counts_it_at_its_default(
     assert not _same_run(tmp_path, {**base.to_dict(), "head_wd": 0.01})
 
 
+def test_final_run_at_the_backbones_own_size_is_reused_without_img_size(tmp_path: Path) -> None:
+    """A run writes the size it trained at; a sweep without --img-size (the backbone's own
+    size) retrained every finished final run on a restart."""
+    from vprompt.engine.config import TrainConfig, config_yaml
+    from vprompt.sweep.runner import _same_run
+
+    wanted = TrainConfig(backbone=TINY_VIT, data="builtin:digits", method="linear", lr=0.5, wd=0.0)
+    ran = TrainConfig(**{**wanted.to_dict(), "img_size": 32})  # as train_run writes it
+    (tmp_path / "config.yaml").write_text(config_yaml(ran, {}, "test"))
+    assert _same_run(tmp_path, wanted.to_dict())
+    assert not _same_run(tmp_path, {**wanted.to_dict(), "img_size": 48})
+
+
 @pytest.mark.usefixtures("single_thread")
 def test_engine_trial_with_nan_loss_is_diverged_and_other_errors_propagate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

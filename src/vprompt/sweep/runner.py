@@ -255,6 +255,8 @@ def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
         return False
     have = {**ADDED_OPTIONS, **have}  # written before an option existed: its default
     compared = set(wanted) - NO_EFFECT - {"method_options"}
+    if wanted.get("img_size") is None:  # the backbone's own size, which the run wrote down
+        compared.discard("img_size")
     return same_options and all(k in have and have[k] == wanted[k] for k in compared)
 
 
