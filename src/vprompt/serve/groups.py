@@ -11,8 +11,9 @@ Every task is put in one of four kinds of group (see ``docs/serving.md``):
 * ``prompt-tokens``: VPT/SPT on the reference path (shallow, or deep where the fast path does not
   apply). Prompt tokens are part of the sequence, so rows are grouped by prompt length; shallow
   and deep tasks of one length share a pass.
-* ``own``: methods that change backbone weights (full, bitfit, partial) or add input-dependent
-  blocks (pro-tuning) run their own model on their own rows.
+* ``own``: methods that change backbone weights (full, bitfit, partial), add input-dependent
+  blocks (pro-tuning) or change the input (vpt-pad), and any other method, run their own model
+  on their own rows.
 """
 
 from __future__ import annotations
