@@ -687,3 +687,48 @@ def test_torchrun_errors_of_one_rank_are_shown_and_small_global_batches_refused(
     with pytest.raises(ConfigError, match="--batch-size 2 is smaller than the 3 processes"):
         resolved_schedule(cfg, 100, world=3)
     assert resolved_schedule(cfg, 100, world=2)["steps_per_epoch"] == 50
+
+
+def test_resume_refuses_other_weights_other_data_and_damaged_checkpoints(
+    tiny_vit_spec: str, tmp_path: Path
+) -> None:
+    """Resuming on changed backbone weights or added training images finished a run that
+    mixed two trainings without a word; a checkpoint with NaN weights resumed and then blamed
+    the learning rate; a checkpoint holding a Python object echoed torch's advice to load it
+    with weights_only=False."""
+    import argparse
+    import shutil
+
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data")
+    run = train_linear(tiny_vit_spec, f"folder:{data}", tmp_path / "run")
+    config = run / "config.yaml"
+    original = config.read_text()
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+
+    config.write_text(original.replace("backbone_fingerprint: ", "backbone_fingerprint: 00"))
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 1 and "now loads weights with fingerprint" in r.stderr, r.stderr
+    config.write_text(original)
+
+    extra = data / "train" / "red" / "extra.png"
+    shutil.copy(next((data / "train" / "red").glob("*.png")), extra)
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 1 and "but the data now gives" in r.stderr, r.stderr
+    extra.unlink()
+
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    key = next(iter(state["model"]))
+    state["model"][key] = torch.full_like(state["model"][key], float("nan"))
+    torch.save(state, run / "checkpoint.pt")
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 1 and "holds NaN/inf weights" in r.stderr, r.stderr
+
+    torch.save({"format": 1, "args": argparse.Namespace(x=1)}, run / "checkpoint.pt")
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 1 and "argparse.Namespace" in r.stderr, r.stderr
+    assert "weights_only" not in r.stderr
+
+    (run / "checkpoint.pt").write_bytes(checkpoint)
+    assert invoke("train", "--resume", run, "--quiet").exit_code == 0  # all restored: fine

@@ -152,6 +152,13 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
         load_task(tmp_path / "empty", backbone=tiny_backbone())
     bb = tiny_backbone()
     trained("vpt-deep", bb).save_task(tmp_path / "t")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "t" / TASK_TENSORS))
+    state["head.fc.bias"] = torch.full_like(state["head.fc.bias"], float("nan"))
+    save_file(state, str(tmp_path / "t" / TASK_TENSORS))
+    with pytest.raises(TaskError, match=r"NaN/inf values in \['head.fc.bias'\].*Retrain"):
+        load_task(tmp_path / "t", backbone=bb)  # predictions of NaN (and JSON with NaN)
     (tmp_path / "t" / TASK_TENSORS).write_bytes(b"\x00garbage")
     with pytest.raises(TaskError, match="corrupt"):
         load_task(tmp_path / "t", backbone=bb)

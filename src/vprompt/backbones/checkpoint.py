@@ -63,19 +63,27 @@ def _read_safetensors(path: Path) -> StateDict:
         raise BackboneError(f"Cannot read safetensors checkpoint {path}: {e}") from e
 
 
+def blocked_global(error: BaseException) -> str | None:
+    """The Python object a ``torch.load(weights_only=True)`` refused to unpickle, from torch's
+    message ("Unsupported global: GLOBAL numpy...", "unsupported GLOBAL posix.system whose
+    module posix is blocked"), else None. Its text also suggests ``weights_only=False``, the
+    unsafe way out, so vprompt shows only this cause."""
+    found = re.search(r"unsupported (?:global: )?global ([\w.]+)", str(error), flags=re.I)
+    return found.group(1) if found else None
+
+
 def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's own text suggests weights_only=False, the unsafe way out: keep only the cause
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        found = blocked_global(e)
         if found is None:
             raise BackboneError(
                 f"Cannot read torch checkpoint {path}: it is not a file torch.save wrote (or it "
                 "is damaged); check the path, download it again, or use a .safetensors file"
             ) from None
         raise BackboneError(
-            f"{path} holds Python objects other than tensors ({found.group(1)}), and vprompt "
+            f"{path} holds Python objects other than tensors ({found}), and vprompt "
             "never unpickles code. Re-save only the weights, e.g. "
             "torch.save(model.state_dict(), path), or convert it to .safetensors"
         ) from None

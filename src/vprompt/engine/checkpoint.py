@@ -81,9 +81,18 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        from vprompt.backbones.checkpoint import blocked_global
+
+        found = blocked_global(e)
+        cause = (  # torch's own text suggests weights_only=False, the unsafe way out
+            f"it holds a Python object ({found}) that vprompt never unpickles"
+            if found
+            else f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        )
         raise TrainingError(
-            f"{path} is unreadable ({type(e).__name__}: {e}); restart with --overwrite"
-        ) from e
+            f"{path} is not a checkpoint vprompt wrote, or it is damaged ({cause}); start the "
+            "run again with --overwrite"
+        ) from None
     if not isinstance(state, dict):
         raise TrainingError(
             f"{path} is not a vprompt checkpoint (it holds a {type(state).__name__}); restart "
@@ -92,6 +101,12 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
     if state.get("format") != FORMAT:
         raise TrainingError(
             f"{path} has checkpoint format {state.get('format')}, expected {FORMAT}"
+        )
+    model = state.get("model")
+    if isinstance(model, dict) and not all_finite(model):
+        raise TrainingError(
+            f"{path} holds NaN/inf weights: it was damaged or written by a diverged run (vprompt "
+            "never checkpoints those); start the run again with --overwrite"
         )
     return state
 

@@ -37,7 +37,7 @@ from vprompt.engine.trainer import (
     fit,
     resolved_schedule,
 )
-from vprompt.errors import ConfigError, DataError, TrainingError, VPromptError
+from vprompt.errors import ConfigError, DataError, TaskError, TrainingError, VPromptError
 from vprompt.methods.base import PromptedModel
 
 
@@ -178,6 +178,31 @@ def build_summary(
     }
 
 
+def check_same_setup(run_dir: Path, fingerprint: str, spec: str, train_images: int) -> None:
+    """Refuse to resume on other backbone weights or other training data than the run's own
+    (recorded in its ``config.yaml``): the finished run would mix two trainings silently."""
+    import yaml
+
+    try:
+        recorded = (yaml.safe_load((run_dir / CONFIG).read_text()) or {}).get("resolved") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # resume_run has read this file already; nothing recorded to compare
+    before = recorded.get("backbone_fingerprint")
+    if before and before != fingerprint:
+        raise TaskError(
+            f"{run_dir} trained on backbone weights with fingerprint {before}, but '{spec}' now "
+            f"loads weights with fingerprint {fingerprint} (the checkpoint file it names has "
+            "changed); put the original weights back to resume, or start a new run"
+        )
+    images = recorded.get("train_images")
+    if images is not None and int(images) != train_images:
+        raise DataError(
+            f"{run_dir} trained on {images} training images, but the data now gives "
+            f"{train_images} (files were added or removed); restore the data to resume, or "
+            "start a new run"
+        )
+
+
 def _execute(
     cfg: TrainConfig,
     run: RunDir,
@@ -213,6 +238,8 @@ def _execute(
         world_size=info.world,
         method_defaults=method_defaults(cfg.method).source,
     )
+    if not fresh:
+        check_same_setup(run.path, bb.fingerprint, bb.spec, resolved["train_images"])
     for line in describe_setup(cfg, model, splits, resolved, info):
         reporter.info(line)
     if info.is_main:

@@ -176,6 +176,16 @@ def load_task(
         state = load_file(str(tensors_path), device=str(map_location))
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise TaskError(f"{tensors_path} is corrupt ({type(e).__name__}: {e})") from e
+    broken = sorted(
+        k for k, t in state.items() if torch.is_floating_point(t) and not bool(t.isfinite().all())
+    )
+    if broken:
+        raise TaskError(
+            f"{tensors_path} holds NaN/inf values in {broken[:5]}"
+            f"{f' and {len(broken) - 5} more' if len(broken) > 5 else ''}: the file is damaged or "
+            "was saved from a diverged model; its predictions would be meaningless. Retrain the "
+            "task (or restore the file)"
+        )
     try:
         model = attach(
             backbone,
