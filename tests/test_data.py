@@ -659,6 +659,9 @@ def test_data_inspect_writes_png(tmp_path: Path) -> None:
     for target, message in ((tmp_path / "grid.txt", "cannot write .txt"), (tmp_path, "folder")):
         r = CliRunner().invoke(app, ["inspect", spec, "--out", str(target)])
         assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    if Path("/proc/self").is_dir():  # a folder no file can be created in, even by root
+        r = CliRunner().invoke(app, ["inspect", spec, "--out", "/proc/vprompt-grid.png"])
+        assert r.exit_code == 2 and "cannot be written" in r.output, r.output
     r = CliRunner().invoke(app, ["inspect", spec, "--out", str(tmp_path / "plain")])
     assert r.exit_code == 0 and (tmp_path / "plain.png").is_file()
     assert f"wrote {tmp_path / 'plain.png'}" in r.output.replace("\n", "")

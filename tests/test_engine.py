@@ -135,6 +135,16 @@ def test_bad_options_are_clear() -> None:
         resolve_config({"backbone": "b", "data": "d", "method": "m", "optimizer": "lamb"})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set_options(["prompt_len"])
+    base = {"backbone": "b", "data": "d", "method": "vpt-deep"}
+    for bad, message in [  # each was a traceback, a silent 1 epoch or a nameless type error
+        ({"epochs": "two"}, "epochs must be a positive integer, got 'two'"),
+        ({"epochs": True}, "epochs must be a positive integer, got True"),
+        ({"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ({"lr": "abc"}, "lr must be a number, got 'abc'"),
+        ({"grad_clip": [1]}, r"grad_clip must be a number, got \[1\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_config({**base, **bad})
 
 
 def test_set_values_are_yaml() -> None:

@@ -363,6 +363,30 @@ def test_cli_rejects_malformed_task_options():
     assert "NAME=DIR" in result.output
 
 
+def test_cli_checks_host_and_port_before_loading(monkeypatch):
+    """A bad --port (taken modulo 65536 by the OS) or an unresolvable --host failed only after
+    every task had loaded, the host with a socket traceback."""
+    import typer
+
+    import vprompt.serve
+    from vprompt.cli.serve import register
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded tasks before checking the address")
+
+    monkeypatch.setattr(vprompt.serve, "load_multitask", never)
+    app = typer.Typer()
+    register(app)
+    for args, message in [
+        (["--port", "99999"], "--port must be in 0-65535"),
+        (["--port=-5"], "--port must be in 0-65535"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is not an address"),
+    ]:
+        result = CliRunner().invoke(app, ["--task", "a=/x", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
 def test_cli_limits_reach_the_server_and_are_checked(monkeypatch):
     """--max-images/--max-queue/--max-megapixels reach the settings and the model; a request
     limit above the queue limit (never admissible) is refused before anything loads."""

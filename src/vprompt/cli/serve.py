@@ -65,6 +65,7 @@ def serve_command(
     """
     tasks = parse_task_options(task or [])
     with cli_errors():
+        check_listen_address(host, port)  # before minutes of loading the backbone and tasks
         from vprompt.serve import load_multitask, require_serve_extra, run_server
         from vprompt.serve.server import configure_logging
         from vprompt.serve.settings import ServeSettings
@@ -103,6 +104,24 @@ def serve_command(
             log_level=log_level,
             access_log=access_log,
         )
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Refuse a port outside 0-65535 (the OS would take it modulo 65536) and a host name that
+    does not resolve, with the option to fix (they failed only after every task was loaded)."""
+    import socket
+
+    from vprompt.errors import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0-65535 (0: any free port), got {port}")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(
+            f"--host {host!r} is not an address this machine can listen on ({e}); use an IP "
+            "address such as 127.0.0.1 or 0.0.0.0, or a name that resolves"
+        ) from None
 
 
 def _device(name: str) -> str:

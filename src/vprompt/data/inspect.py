@@ -8,7 +8,7 @@ import numpy as np
 
 from vprompt._paths import make_dir
 from vprompt.data.dataset import ImageDataset
-from vprompt.errors import DataError
+from vprompt.errors import ConfigError, DataError
 
 CELL_INCHES = 1.1
 
@@ -100,6 +100,12 @@ def save_grid(
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     make_dir(out.parent, "--out folder")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:  # a folder at that path, a read-only file system...
+        raise ConfigError(
+            f"--out {out} cannot be written ({e.strerror or e}); give a .png file path"
+        ) from None
+    finally:
+        plt.close(fig)
     return out

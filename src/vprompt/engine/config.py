@@ -239,7 +239,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     positive["eval_batch_size"] = cfg.eval_batch_size
     positive["eval_every"] = cfg.eval_every
     for name, value in positive.items():
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if cfg.batch_size < 2:
         raise ConfigError("batch_size must be at least 2 (the head's BatchNorm needs 2 images)")
@@ -313,8 +315,11 @@ def resolve_config(values: dict[str, Any]) -> TrainConfig:
     for key in ("optimizer", "lr", "wd", "epochs"):
         if merged.get(key) is None:
             merged[key] = getattr(d, key)
+    epochs = merged["epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     if merged.get("warmup_epochs") is None:
-        merged["warmup_epochs"] = default_warmup(int(merged["epochs"]))
+        merged["warmup_epochs"] = default_warmup(epochs)
     merged["method_options"] = dict(merged.get("method_options") or {})
     if isinstance(merged.get("backbone"), str):  # runs and tasks keep a path that works anywhere
         from vprompt.backbones.spec import absolute_file_spec
@@ -324,6 +329,8 @@ def resolve_config(values: dict[str, Any]) -> TrainConfig:
         value = _number_or_value(merged.get(key))
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if value is not None and not isinstance(value, float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
         if key in merged:
             merged[key] = value
     try:
