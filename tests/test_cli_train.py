@@ -732,3 +732,19 @@ def test_resume_refuses_other_weights_other_data_and_damaged_checkpoints(
 
     (run / "checkpoint.pt").write_bytes(checkpoint)
     assert invoke("train", "--resume", run, "--quiet").exit_code == 0  # all restored: fine
+
+
+def test_eval_skip_bad_drops_an_unreadable_image(tiny_vit_spec: str, tmp_path: Path) -> None:
+    """The read error's hint names --skip-bad; eval did not have it, so a split holding one
+    bad file could not be evaluated at all."""
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data")
+    run = train_linear(tiny_vit_spec, f"folder:{data}", tmp_path / "run")
+    n = len(list((data / "test").rglob("*.png")))
+    next((data / "test" / "red").glob("*.png")).write_bytes(b"not a png")
+    r = invoke("eval", run, "--data", f"folder:{data}", "-q")
+    assert r.exit_code == 1 and "--skip-bad" in r.stderr, r.stderr
+    r = invoke("eval", run, "--data", f"folder:{data}", "--skip-bad", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n"] == n - 1

@@ -66,6 +66,14 @@ def eval_command(
         ),
     ] = None,
     backbone: Annotated[str | None, Opt(help=BACKBONE_HELP)] = None,
+    skip_bad: Annotated[
+        bool,
+        Opt(
+            "--skip-bad",
+            help="Drop missing and unreadable images up front and list them (default: as the "
+            "task's training did on its own data, else stop at the first one).",
+        ),
+    ] = False,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix of a task on a dataset split."""
@@ -83,6 +91,7 @@ def eval_command(
             workers=workers,
             seed=seed,
             backbone=backbone,
+            skip_bad=skip_bad or None,
             progress=not quiet,
         )
         typer.echo(json.dumps(report) if as_json else _format_eval(report))

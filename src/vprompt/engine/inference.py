@@ -83,6 +83,7 @@ def evaluate_task(
     workers: int = 0,
     seed: int | None = None,
     backbone: str | None = None,
+    skip_bad: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Top-1, top-5, loss, per-class accuracy and confusion matrix of a task on one split.
@@ -102,6 +103,8 @@ def evaluate_task(
         seed: data seed (how val/test are carved from a pool and subsampled); by default the
             task's training ``data_seed``, so a carved split is the same one as in training.
         backbone: load this backbone spec instead of the task's (see `load_task_model`).
+        skip_bad: drop missing and unreadable images up front (and list them); by default as
+            the task's training did when ``data`` is its own data, else False.
         progress: a progress bar (with rate and ETA) on a terminal.
     """
     from vprompt.data import build_splits
@@ -126,7 +129,7 @@ def evaluate_task(
             data_config=info.data_config,
             img_size=info.img_size,
             seed=seed,
-            skip_bad=bool(same_data and config.get("skip_bad")),  # as training dropped them
+            skip_bad=bool(same_data and config.get("skip_bad")) if skip_bad is None else skip_bad,
             **{f"{split}_size": size},
         )
     except DataError as e:  # build_splits names its own argument; the user gave --size
