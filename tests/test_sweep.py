@@ -870,7 +870,7 @@ def test_final_run_is_reused_only_with_every_result_changing_option_equal(
     tmp_path: Path, change: dict[str, Any], reused: bool
 ) -> None:
     from vprompt.engine.config import TrainConfig, config_yaml
-    from vprompt.sweep.runner import _same_run
+    from vprompt.sweep.runner import same_run
 
     base = TrainConfig(
         backbone=TINY_VIT, data="builtin:digits", method="vpt-deep", lr=0.5, wd=0.0, epochs=2,
@@ -878,33 +878,33 @@ def test_final_run_is_reused_only_with_every_result_changing_option_equal(
     )  # fmt: skip
     (tmp_path / "config.yaml").write_text(config_yaml(base, {}, "test"))
     wanted = {**base.to_dict(), **change}
-    assert _same_run(tmp_path, wanted) is reused
+    assert same_run(tmp_path, wanted) is reused
 
 
 def test_final_run_written_before_an_option_existed_counts_it_at_its_default(
     tmp_path: Path,
 ) -> None:
     from vprompt.engine.config import TrainConfig
-    from vprompt.sweep.runner import _same_run
+    from vprompt.sweep.runner import same_run
 
     base = TrainConfig(backbone=TINY_VIT, data="builtin:digits", method="vpt-deep", lr=0.5, wd=0.0)
     old = {k: v for k, v in base.to_dict().items() if k != "head_wd"}  # an older config.yaml
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    assert _same_run(tmp_path, base.to_dict())
-    assert not _same_run(tmp_path, {**base.to_dict(), "head_wd": 0.01})
+    assert same_run(tmp_path, base.to_dict())
+    assert not same_run(tmp_path, {**base.to_dict(), "head_wd": 0.01})
 
 
 def test_final_run_at_the_backbones_own_size_is_reused_without_img_size(tmp_path: Path) -> None:
     """A run writes the size it trained at; a sweep without --img-size (the backbone's own
     size) retrained every finished final run on a restart."""
     from vprompt.engine.config import TrainConfig, config_yaml
-    from vprompt.sweep.runner import _same_run
+    from vprompt.sweep.runner import same_run
 
     wanted = TrainConfig(backbone=TINY_VIT, data="builtin:digits", method="linear", lr=0.5, wd=0.0)
     ran = TrainConfig(**{**wanted.to_dict(), "img_size": 32})  # as train_run writes it
     (tmp_path / "config.yaml").write_text(config_yaml(ran, {}, "test"))
-    assert _same_run(tmp_path, wanted.to_dict())
-    assert not _same_run(tmp_path, {**wanted.to_dict(), "img_size": 48})
+    assert same_run(tmp_path, wanted.to_dict())
+    assert not same_run(tmp_path, {**wanted.to_dict(), "img_size": 48})
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -925,3 +925,33 @@ def test_engine_trial_with_nan_loss_is_diverged_and_other_errors_propagate(
     monkeypatch.setattr("vprompt.engine.fit", broken)
     with pytest.raises(TrainingError, match="rank 0 failed"):  # not a diverged trial
         EngineRunner().advance({**values, "lr": 0.5}, 1, tmp_path / "t2")
+
+
+def test_sweep_out_must_be_new_empty_or_a_sweeps(tmp_path: Path) -> None:
+    """Any non-empty --out was taken: a training run's summary.json was overwritten by the
+    sweep's, and sweep.db / final/ landed in a dataset folder. A final run trained with other
+    options (an earlier sweep into the same --out) is replaced, and the log says so."""
+    from vprompt.engine.config import TrainConfig, config_yaml
+
+    spec = SweepSpec(dict(BASE), lrs="0.5", wds="0", seeds=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: linear\n")
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds a training run, not a sweep"):
+        run_sweep(spec, run, runner=ScriptedRunner())
+    assert (run / "summary.json").read_text() == "{}" and not (run / "sweep.db").exists()
+    data = tmp_path / "photos"
+    data.mkdir()
+    (data / "cat.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="holds other files"):
+        run_sweep(spec, data, runner=ScriptedRunner())
+    (tmp_path / "empty").mkdir()
+    run_sweep(spec, tmp_path / "empty", runner=ScriptedRunner())
+    other = TrainConfig(**{**BASE, "lr": 9.0, "method_options": {}})
+    final = tmp_path / "empty" / "final" / "seed-0"
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "config.yaml").write_text(config_yaml(other, {}, "test"))
+    lines: list[str] = []
+    run_sweep(spec, tmp_path / "empty", runner=ScriptedRunner(), log=lines.append)  # continues
+    assert any("holds a final run with other options" in line for line in lines), lines

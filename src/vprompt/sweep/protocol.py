@@ -203,6 +203,7 @@ def run_sweep(
     from vprompt.sweep.report import write_reports, write_search_reports
 
     start = time.perf_counter()
+    check_sweep_out(Path(out).expanduser())
     out = make_dir(out, "--out")
     log = log or (lambda _msg: None)
     backend = backend or LocalBackend()
@@ -253,6 +254,22 @@ def run_sweep(
 
 
 DRIVER_FILE = ".sweep-driver.json"
+SWEEP_MARKERS = ("sweep.db", "trials", "final", "trials.json", DRIVER_FILE)
+"""What a sweep writes into its ``--out`` (any one marks the folder as a sweep's)."""
+
+
+def check_sweep_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds files but is not a sweep's: the sweep would write its
+    summary over a training run's ``summary.json``, its database into a dataset folder."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if any((out / marker).exists() for marker in SWEEP_MARKERS):
+        return
+    what = "a training run" if (out / "config.yaml").is_file() else "other files"
+    raise ConfigError(
+        f"--out {out} holds {what}, not a sweep (no {', '.join(SWEEP_MARKERS[:3])}); give a "
+        "new or empty folder, or the --out of a sweep to continue it"
+    )
 
 
 @contextlib.contextmanager
@@ -314,6 +331,17 @@ def run_finals(
         for s in spec.final_seeds
     ]
     results: dict[int, FinalRun] = {}
+    for item in items:
+        run_dir = Path(item.run_dir)
+        if (run_dir / "config.yaml").is_file():
+            from vprompt.engine import resolve_config
+            from vprompt.sweep.runner import same_run
+
+            if not same_run(run_dir, resolve_config(item.values).to_dict()):
+                log(
+                    f"final seed {item.seed}: {run_dir} holds a final run with other options "
+                    "(an earlier sweep into this --out); it is replaced"
+                )
 
     def got(item: FinalItem, run: FinalRun) -> None:
         results[item.seed] = run

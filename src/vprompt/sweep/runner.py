@@ -163,7 +163,7 @@ class EngineRunner:
         self._setup()
         start = time.perf_counter()
         cfg = resolve_config(values)
-        same = _same_run(run_dir, cfg.to_dict())
+        same = same_run(run_dir, cfg.to_dict())
         done = _finished_final(run_dir) if same else None
         if done is not None:
             return done
@@ -221,7 +221,7 @@ def _train_search_trial(
     return None
 
 
-def _same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
+def same_run(run_dir: Path, wanted: dict[str, Any]) -> bool:
     """Whether ``run_dir`` holds a run (finished or not) of the same options: every training
     option that can change results (all but `NO_EFFECT`) must agree."""
     import yaml
