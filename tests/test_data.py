@@ -665,3 +665,23 @@ def test_data_inspect_writes_png(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["inspect", spec, "--out", str(tmp_path / "plain")])
     assert r.exit_code == 0 and (tmp_path / "plain.png").is_file()
     assert f"wrote {tmp_path / 'plain.png'}" in r.output.replace("\n", "")
+
+
+def test_relative_data_paths_are_stored_absolute(tmp_path: Path, monkeypatch) -> None:
+    """Runs and sweeps keep a data spec that works from any directory: Ray trials run in a
+    working folder of their own, where 'folder:data' named nothing."""
+    from vprompt.data.specs import absolute_data_spec
+    from vprompt.engine.config import resolve_config
+    from vprompt.sweep.spec import SweepSpec
+
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    assert absolute_data_spec("folder:data?val=0.1&test=0.25") == (
+        f"folder:{here / 'data'}?val=0.1&test=0.25"
+    )
+    assert absolute_data_spec("builtin:digits?val=0.112") == "builtin:digits?val=0.112"
+    assert absolute_data_spec("nope:x") == "nope:x"  # refused later, with the full message
+    cfg = resolve_config({"backbone": "b", "data": "csv:labels.csv", "method": "linear"})
+    assert cfg.data == f"csv:{here / 'labels.csv'}"
+    spec = SweepSpec({"backbone": "b", "data": "vtab:v", "method": "linear"}, lrs=(0.1,))
+    assert spec.values["data"] == f"vtab:{here / 'v'}"

@@ -84,6 +84,20 @@ def parse_data_spec(spec: str) -> DataSpec:
     return DataSpec(kind=kind, target=target, fractions=fractions, text=text)  # type: ignore[arg-type]
 
 
+def absolute_data_spec(spec: str) -> str:
+    """``spec`` with a relative (or ``~``) path made absolute; builtins and specs that do not
+    parse are returned as given (they fail where they are used, with the full message). Runs
+    store it, and sweep trials under Ray, which run in another working directory, read it."""
+    try:
+        parsed = parse_data_spec(spec)
+    except DataError:
+        return spec
+    if parsed.kind == "builtin":
+        return spec
+    options = "&".join(f"{k}={v!r}" for k, v in parsed.fractions.items())
+    return f"{parsed.kind}:{parsed.target}" + (f"?{options}" if options else "")
+
+
 def _unknown_prefix_message(spec: str) -> str:
     prefixes = ", ".join(f"'{k}:'" for k in SPEC_KINDS)
     hint = ""

@@ -325,6 +325,10 @@ def resolve_config(values: dict[str, Any]) -> TrainConfig:
         from vprompt.backbones.spec import absolute_file_spec
 
         merged["backbone"] = absolute_file_spec(merged["backbone"])
+    if isinstance(merged.get("data"), str):
+        from vprompt.data.specs import absolute_data_spec
+
+        merged["data"] = absolute_data_spec(merged["data"])
     for key in ("lr", "wd", "head_wd", "min_lr", "momentum", "grad_clip", "warmup_epochs"):
         value = _number_or_value(merged.get(key))
         if isinstance(value, int) and not isinstance(value, bool):

@@ -68,6 +68,15 @@ class SweepSpec:
     grid_source: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
+        # paths that work from any directory: Ray runs trials in working folders of its own
+        from vprompt.backbones.spec import absolute_file_spec
+        from vprompt.data.specs import absolute_data_spec
+
+        self.values = dict(self.values)
+        if isinstance(self.values.get("data"), str):
+            self.values["data"] = absolute_data_spec(self.values["data"])
+        if isinstance(self.values.get("backbone"), str):
+            self.values["backbone"] = absolute_file_spec(self.values["backbone"])
         if self.search not in SEARCHES:
             raise ConfigError(f"--search {self.search!r} is not one of {list(SEARCHES)}")
         if self.eta < 2:
