@@ -730,6 +730,13 @@ def test_resume_refuses_other_weights_other_data_and_damaged_checkpoints(
     assert r.exit_code == 1 and "argparse.Namespace" in r.stderr, r.stderr
     assert "weights_only" not in r.stderr
 
+    other = tmp_path / "other"  # another method's checkpoint copied over this run's
+    args = ["--method", "vpt-deep", "--prompt-len", "2", "--epochs", "1", "--quiet"]
+    assert invoke(*train_args(tiny_vit_spec, f"folder:{data}", other, *args)).exit_code == 0
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 1 and "checkpoint.pt does not fit the model" in r.stderr, r.stderr
+
     (run / "checkpoint.pt").write_bytes(checkpoint)
     assert invoke("train", "--resume", run, "--quiet").exit_code == 0  # all restored: fine
 

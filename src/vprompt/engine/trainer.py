@@ -370,9 +370,16 @@ class Loop:
         return f"the last good checkpoint (after {epochs} epoch(s), step {step}) is kept"
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        load_trainable_state(
-            self.model, {k: v.to(self.info.device) for k, v in ckpt["model"].items()}
-        )
+        try:
+            load_trainable_state(
+                self.model, {k: v.to(self.info.device) for k, v in ckpt["model"].items()}
+            )
+        except ConfigError as e:  # the tensors are fine; they belong to another model
+            raise TrainingError(
+                f"checkpoint.pt does not fit the model its run's config.yaml describes ({e}): "
+                "the checkpoint was copied from another run, or config.yaml was edited; put "
+                "them back as the run wrote them, or start the run again with --overwrite"
+            ) from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
