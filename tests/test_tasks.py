@@ -197,3 +197,19 @@ def test_no_pickle_in_artifact(tmp_path):
     header_len = int.from_bytes((tmp_path / TASK_TENSORS).read_bytes()[:8], "little")
     header = json.loads((tmp_path / TASK_TENSORS).read_bytes()[8 : 8 + header_len])
     assert "method.prompts" in header
+
+
+def test_size_mismatch_is_told_in_the_tasks_terms(tmp_path, tiny_vit_spec):
+    """A task (here with an edited task.json) whose size is not the size its own backbone spec
+    sets: 'img_size=48 conflicts with img_size=32 in the spec; give it once' blamed an option
+    the user never gave."""
+    from vprompt.backbones import load_backbone
+
+    bb = load_backbone(tiny_vit_spec)  # the spec sets img_size=32
+    trained("linear", bb).save_task(tmp_path)
+    meta = json.loads((tmp_path / TASK_JSON).read_text())
+    meta["data_config"]["input_size"] = [3, 48, 48]
+    (tmp_path / TASK_JSON).write_text(json.dumps(meta))
+    for backbone in (None, tiny_vit_spec):  # the task's own spec, or one given to eval/serve
+        with pytest.raises(TaskError, match=r"trained at 48 px but the backbone is set up for 32"):
+            load_task(tmp_path, backbone=backbone)

@@ -40,9 +40,9 @@ def load_task_model(
 
     bb = None
     if backbone is not None:
-        from vprompt.backbones import load_backbone
+        from vprompt.tasks.artifact import backbone_for_task
 
-        bb = load_backbone(backbone, img_size=read_task_info(task_dir).img_size)
+        bb = backbone_for_task(read_task_info(task_dir), backbone)
     model = load_task(task_dir, backbone=bb)
     return model.to(pick_device(device)).eval()
 

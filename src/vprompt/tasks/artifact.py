@@ -208,7 +208,9 @@ def backbone_for_task(info: TaskInfo | None, spec: str | None = None) -> Backbon
     if spec is None:
         if info is None:
             raise TaskError("no backbone spec given and no task to take it from")
-        return load_backbone(info.backbone_spec, img_size=info.img_size)
+        spec = info.backbone_spec
+    # a spec that sets its own size is loaded at it; if that is not the task's, check_backbone
+    # then says so in the task's terms ("trained at N px")
     own_size = info is None or parse_backbone_spec(spec).img_size is not None
     return load_backbone(spec, img_size=None if own_size else info.img_size)
 
