@@ -213,3 +213,21 @@ def test_size_mismatch_is_told_in_the_tasks_terms(tmp_path, tiny_vit_spec):
     for backbone in (None, tiny_vit_spec):  # the task's own spec, or one given to eval/serve
         with pytest.raises(TaskError, match=r"trained at 48 px but the backbone is set up for 32"):
             load_task(tmp_path, backbone=backbone)
+
+
+def test_a_moved_backbone_checkpoint_is_named_with_the_way_out(tmp_path):
+    """The task's file: backbone moved: the error said 'Check the path after file:' about a
+    spec the user never typed."""
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "vit.safetensors"
+    save_file(tiny_backbone(seed=0).model.state_dict(), str(ckpt))
+    spec = f"file:{ckpt}#vit_tiny_patch16_224?depth=2&embed_dim=32&num_heads=2"
+    trained("linear", spec).save_task(tmp_path / "task")
+    moved = ckpt.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(
+        TaskError, match=r"is not there any more.*--backbone file:NEW_PATH#vit_tiny"
+    ):
+        load_task(tmp_path / "task")
+    new_spec = spec.replace(str(ckpt), str(moved))
+    assert load_task(tmp_path / "task", backbone=new_spec).num_classes == 3

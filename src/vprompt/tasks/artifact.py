@@ -209,6 +209,15 @@ def backbone_for_task(info: TaskInfo | None, spec: str | None = None) -> Backbon
         if info is None:
             raise TaskError("no backbone spec given and no task to take it from")
         spec = info.backbone_spec
+        parsed = parse_backbone_spec(spec)
+        if parsed.kind == "file" and not Path(parsed.target).expanduser().exists():
+            arch = f"#{parsed.arch}" if parsed.arch else ""
+            raise TaskError(
+                f"the task's backbone checkpoint {parsed.target} (its spec '{spec}') is not there "
+                f"any more: moved or deleted. Give its new place with --backbone "
+                f"file:NEW_PATH{arch} (backbone= in Python); its weights are checked against the "
+                "task's fingerprint"
+            )
     # a spec that sets its own size is loaded at it; if that is not the task's, check_backbone
     # then says so in the task's terms ("trained at N px")
     own_size = info is None or parse_backbone_spec(spec).img_size is not None
