@@ -542,12 +542,28 @@ def test_suite_json_is_strict_json_while_a_cell_is_missing(tmp_path: Path) -> No
 
 
 def _suite_yaml(tmp_path: Path) -> Path:
+    (tmp_path / "x").mkdir(exist_ok=True)
     f = tmp_path / "s.yaml"
     f.write_text(
         "groups:\n  nat: ['a: builtin:digits', 'b: builtin:fashion-mnist']\n"
-        "  str: ['c: folder:/x']\n"
+        f"  str: ['c: folder:{tmp_path / 'x'}']\n"
     )
     return f
+
+
+def test_suite_checks_every_data_path_before_the_first_sweep(tmp_path: Path) -> None:
+    """A missing folder in the last dataset failed after hours of sweeps before it."""
+    from vprompt.errors import DataError
+
+    datasets = datasets_from_specs(["builtin:digits", f"folder:{tmp_path / 'nope'}"])
+    runner = ScriptedRunner()
+
+    def spec(method: str, data: str) -> SweepSpec:
+        return SweepSpec({**BASE, "method": method, "data": data}, lrs="0.5", wds="0", seeds=1)
+
+    with pytest.raises(DataError, match="nope does not exist"):
+        run_suite(datasets, ["linear"], spec, tmp_path / "suite", runner=runner)
+    assert runner.executions == [] and not (tmp_path / "suite").exists()
 
 
 # ------------------------------------------------------------------------- CLI

@@ -167,6 +167,21 @@ def check_spec(spec: Any) -> Any:
     return spec
 
 
+def check_data_exists(spec: str) -> None:
+    """Parse a data spec and check that its folder or file exists (the data itself is read
+    when its sweep starts).
+
+    Raises:
+        DataError: the spec does not parse, or its path does not exist.
+    """
+    from vprompt.data import parse_data_spec
+    from vprompt.errors import DataError
+
+    parsed = parse_data_spec(spec)
+    if parsed.kind != "builtin" and not parsed.path.exists():
+        raise DataError(f"the suite's data {spec!r}: {parsed.path} does not exist")
+
+
 def unique_names(datasets: list[SuiteDataset]) -> list[SuiteDataset]:
     """Every dataset under its own name (it is also its folder): a repeated spec is refused,
     a name taken by another spec becomes ``NAME-2``, ``NAME-3``... (the first free one)."""
@@ -344,6 +359,8 @@ def run_suite(
     if not methods:
         raise ConfigError("the suite has no method: give --method NAME[,NAME...]")
     datasets = unique_names(datasets)
+    for d in datasets:  # a missing folder fails now, not after the sweeps before it
+        check_data_exists(d.spec)
     specs = {(m, d.name): check_spec(make_spec(m, d.spec)) for m in methods for d in datasets}
     out = make_dir(out, "--out")
     log = log or (lambda _m: None)
