@@ -491,6 +491,8 @@ def test_one_option_merge_for_train_sweep_and_suite(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="both as a flag and with --set"):
         option_values({**flags, "data_seed": 3})
+    with pytest.raises(ConfigError, match=r"both as a flag \(--prompt-len\) and with --set"):
+        option_values({**flags, "set_": ["prompt_len=3"]})  # silently took the flag's 9
 
 
 @pytest.mark.slow

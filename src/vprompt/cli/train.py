@@ -120,6 +120,10 @@ def option_values(
     if twice:
         raise ConfigError(f"{twice} given both as a flag and with --set; give each once")
     if flags.get("prompt_len") is not None:
+        if "prompt_len" in method_options:
+            raise ConfigError(
+                "['prompt_len'] given both as a flag (--prompt-len) and with --set; give it once"
+            )
         method_options["prompt_len"] = flags["prompt_len"]
     config = flags.get("config")
     file_values = load_config_file(config) if config else {}
