@@ -304,6 +304,18 @@ def test_csv_label_out_of_range(tmp_path: Path, label: str, needle: str) -> None
     assert "d.csv:3" in str(err.value)
 
 
+def test_csv_mixing_integer_and_name_labels_is_refused(tmp_path: Path) -> None:
+    """'0' and 'dog' were read as two class names; with classes.txt, digit names are fine."""
+    write_image(tmp_path / "a.png")
+    (tmp_path / "d.csv").write_text("path,label\na.png,0\na.png,dog\n")
+    with pytest.raises(DataError, match=r"mix integer indices \(.*d\.csv:2: '0'\).*'dog'"):
+        build_splits(f"csv:{tmp_path / 'd.csv'}")
+    (tmp_path / "classes.txt").write_text("dog\n0\n")
+    assert parse_data_spec(f"csv:{tmp_path / 'd.csv'}").kind == "csv"
+    splits = build_splits(f"csv:{tmp_path / 'd.csv'}?val=0&test=0", img_size=8)
+    assert splits.class_names == ["dog", "0"]
+
+
 def test_csv_bad_header_and_split(tmp_path: Path) -> None:
     (tmp_path / "h.csv").write_text("file,label\na.png,0\n")
     with pytest.raises(DataError, match=r"h\.csv lacks column\(s\) path"):

@@ -98,6 +98,15 @@ def _resolve_labels(
         labels = [parse_int_label(r.label, r.where, num) for r in rows]
         names = given if given is not None else [str(i) for i in range(max(labels) + 1)]
         return names, labels
+    if given is None:
+        number = next((r for r in rows if _INT.match(r.label)), None)
+        name = next((r for r in rows if not _INT.match(r.label)), None)
+        if number is not None and name is not None:  # '0' and 'dog' would be two classes
+            raise DataError(
+                f"the labels mix integer indices ({number.where}: {number.label!r}) and class "
+                f"names ({name.where}: {name.label!r}); write every label one way, or list the "
+                f"class names (digits included) in {classes_file}"
+            )
     names = given if given is not None else sorted({r.label for r in rows})
     index = {n: i for i, n in enumerate(names)}
     for r in rows:
