@@ -611,7 +611,7 @@ def test_relative_file_backbone_is_stored_absolute_and_can_be_replaced(
     assert invoke("predict", work / "run" / "task", image).exit_code == 0
     (work / "sd.safetensors").rename(tmp_path / "moved.safetensors")
     r = invoke("predict", work / "run" / "task", image)
-    assert r.exit_code != 0 and "not found" in r.stderr
+    assert r.exit_code == 1 and "is not there any more" in r.stderr and "--backbone" in r.stderr
     moved = spec.replace("sd.safetensors", str(tmp_path / "moved.safetensors"))
     r = invoke("predict", work / "run" / "task", image, "--backbone", moved)
     assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[0])["label"]
@@ -757,3 +757,32 @@ def test_eval_skip_bad_drops_an_unreadable_image(tiny_vit_spec: str, tmp_path: P
     r = invoke("eval", run, "--data", f"folder:{data}", "--skip-bad", "--json", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n"] == n - 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--data", "fodler:x", "must start with one of"),
+        ("--data", "builtin:cifar", "Unknown builtin dataset"),
+        ("--data", "builtin:digits?vall=0.2", "Unknown option 'vall'"),
+        ("--backbone", "timm:vit_tiny_patch16_2244", "is not a timm architecture"),
+        ("--backbone", "tim:vit", "backbone spec"),
+    ],
+)
+def test_a_spec_that_does_not_parse_is_a_usage_error(
+    tiny_vit_spec: str, tiny_data_spec: str, tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    """Exit 2 as for every other bad option value (these exited 1, unlike --method vpt-depp);
+    the errors stay DataError / BackboneError for Python callers."""
+    from vprompt.errors import BackboneError, DataError
+
+    args = {"--backbone": tiny_vit_spec, "--data": tiny_data_spec, flag: value}
+    r = invoke("train", *[x for kv in args.items() for x in kv], "--method", "linear", "--out",
+               tmp_path / "run", "--quiet")  # fmt: skip
+    assert r.exit_code == 2 and message.lower() in r.stderr.lower(), r.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DataError if flag == "--data" else BackboneError):
+        if flag == "--data":
+            vprompt.data.build_splits(value)
+        else:
+            vprompt.load_backbone(value)

@@ -666,7 +666,7 @@ def test_data_inspect_writes_png(tmp_path: Path) -> None:
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 100
     bad = CliRunner().invoke(app, ["inspect", "nope:x"])
-    assert bad.exit_code == 1 and "folder:" in bad.output  # as `vprompt train` exits on it
+    assert bad.exit_code == 2 and "folder:" in bad.output  # a bad option value, as in train
     spec = args[1]
     for target, message in ((tmp_path / "grid.txt", "cannot write .txt"), (tmp_path, "folder")):
         r = CliRunner().invoke(app, ["inspect", spec, "--out", str(target)])

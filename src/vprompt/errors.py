@@ -13,8 +13,18 @@ class BackboneError(VPromptError):
     """A backbone spec, checkpoint or zoo entry that cannot be loaded."""
 
 
+class BackboneSpecError(BackboneError, ConfigError):
+    """A backbone spec that does not parse or names no model: a bad option value, so the
+    command line exits with the usage status (2) as for other bad options."""
+
+
 class DataError(VPromptError):
     """A dataset spec, file or split that cannot be read."""
+
+
+class DataSpecError(DataError, ConfigError):
+    """A dataset spec that does not parse (unknown kind, builtin or option, a bad fraction):
+    a bad option value, exit status 2 on the command line."""
 
 
 class UnreadableImage(DataError):

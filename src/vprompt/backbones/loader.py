@@ -24,7 +24,7 @@ from vprompt.backbones.checkpoint import (
 from vprompt.backbones.hub import create_pretrained
 from vprompt.backbones.spec import BackboneSpec, OptionValue, parse_backbone_spec
 from vprompt.backbones.zoo import ZooEntry, get_zoo_entry, load_zoo_state
-from vprompt.errors import BackboneError
+from vprompt.errors import BackboneError, BackboneSpecError
 
 RANDOM_INIT_SEED = 0
 """Seed of the weights a ``pretrained=false`` spec draws (and of any init a checkpoint replaces)."""
@@ -136,9 +136,9 @@ def patch_grid_problem(model: nn.Module, size: int, spec: str) -> str | None:
 
 def _merge_img_size(parsed: BackboneSpec, img_size: int | None) -> int | None:
     if img_size is not None and (isinstance(img_size, bool) or img_size <= 0):
-        raise BackboneError(f"img_size must be a positive int, got {img_size!r}.")
+        raise BackboneSpecError(f"img_size must be a positive int, got {img_size!r}.")
     if img_size is not None and parsed.img_size is not None and img_size != parsed.img_size:
-        raise BackboneError(
+        raise BackboneSpecError(
             f"img_size={img_size} conflicts with img_size={parsed.img_size} in the spec "
             f"{str(parsed)!r}; give it once."
         )
@@ -152,7 +152,7 @@ def _check_timm_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
     hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise BackboneError(
+    raise BackboneSpecError(
         f"{name!r} is not a timm architecture.{hint} List them with timm.list_models('*vit*')."
     )
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from vprompt.errors import BackboneError
+from vprompt.errors import BackboneSpecError
 
 SpecKind = Literal["timm", "file", "zoo"]
 OptionValue = bool | int | float | str | None
@@ -74,31 +74,31 @@ def parse_backbone_spec(spec: str) -> BackboneSpec:
     """Parse a backbone spec string (see the module docstring for the grammar).
 
     Raises:
-        BackboneError: the spec is empty, has an unknown prefix or a malformed option.
+        BackboneSpecError: the spec is empty, has an unknown prefix or a malformed option.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise BackboneError(f"Empty backbone spec {spec!r}. {_syntax_hint()}")
+        raise BackboneSpecError(f"Empty backbone spec {spec!r}. {_syntax_hint()}")
     spec = spec.strip()
     prefix, sep, rest = spec.partition(":")
     if not sep:
-        raise BackboneError(
+        raise BackboneSpecError(
             f"Backbone spec {spec!r} has no prefix. Did you mean 'timm:{spec}'? {_syntax_hint()}"
         )
     if prefix not in VALID_PREFIXES:
-        raise BackboneError(
+        raise BackboneSpecError(
             f"Unknown backbone spec prefix {prefix!r} in {spec!r}; valid prefixes are "
             f"{', '.join(p + ':' for p in VALID_PREFIXES)}. {_syntax_hint()}"
         )
     kind: SpecKind = prefix  # type: ignore[assignment]
     target, arch, query = _split_target(rest)
     if kind != "file" and arch is not None:
-        raise BackboneError(
+        raise BackboneSpecError(
             f"'#{arch}' in {spec!r}: only file: specs take an architecture after '#'."
         )
     if not target:
-        raise BackboneError(f"Backbone spec {spec!r} names no {_target_noun(kind)}.")
+        raise BackboneSpecError(f"Backbone spec {spec!r} names no {_target_noun(kind)}.")
     if arch is not None and not arch:
-        raise BackboneError(f"Backbone spec {spec!r} has an empty architecture after '#'.")
+        raise BackboneSpecError(f"Backbone spec {spec!r} has an empty architecture after '#'.")
     options = _parse_query(query, spec)
     return _build_spec(kind, target, arch, options, spec)
 
@@ -139,14 +139,14 @@ def _parse_query(query: str, spec: str) -> dict[str, OptionValue]:
         key, eq, raw = item.partition("=")
         key = key.strip()
         if not eq or not _KEY_RE.match(key):
-            raise BackboneError(
+            raise BackboneSpecError(
                 f"Malformed option {item!r} in backbone spec {spec!r}: options are "
                 "KEY=VALUE pairs joined by '&', e.g. 'timm:vit_tiny_patch16_224?pretrained=false'."
             )
         if key in options:
-            raise BackboneError(f"Option {key!r} is given twice in backbone spec {spec!r}.")
+            raise BackboneSpecError(f"Option {key!r} is given twice in backbone spec {spec!r}.")
         if key in _FORBIDDEN_KEYS:
-            raise BackboneError(
+            raise BackboneSpecError(
                 f"Option {key!r} in backbone spec {spec!r}: {_FORBIDDEN_KEYS[key]}."
             )
         options[key] = parse_option_value(raw.strip())
@@ -180,9 +180,11 @@ def _build_spec(
 ) -> BackboneSpec:
     pretrained = options.pop("pretrained", True)
     if not isinstance(pretrained, bool):
-        raise BackboneError(f"Option pretrained={pretrained!r} in {spec!r} must be true or false.")
+        raise BackboneSpecError(
+            f"Option pretrained={pretrained!r} in {spec!r} must be true or false."
+        )
     if kind != "timm" and not pretrained:
-        raise BackboneError(
+        raise BackboneSpecError(
             f"Option pretrained=false in {spec!r}: only timm: specs can build random weights "
             f"(e.g. 'timm:ARCH?pretrained=false')."
         )
@@ -190,7 +192,7 @@ def _build_spec(
     if img_size is not None and (
         isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0
     ):
-        raise BackboneError(f"Option img_size={img_size!r} in {spec!r} must be a positive int.")
+        raise BackboneSpecError(f"Option img_size={img_size!r} in {spec!r} must be a positive int.")
     return BackboneSpec(kind, target, arch, pretrained, img_size, options)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import parse_qsl
 
-from vprompt.errors import DataError
+from vprompt.errors import DataError, DataSpecError
 
 SpecKind = Literal["folder", "vtab", "csv", "builtin"]
 SPEC_KINDS: tuple[str, ...] = get_args(SpecKind)
@@ -61,16 +61,16 @@ def parse_data_spec(spec: str) -> DataSpec:
     kind, sep, rest = text.partition(":")
     kind = kind.lower()
     if not sep or kind not in SPEC_KINDS:
-        raise DataError(_unknown_prefix_message(text))
+        raise DataSpecError(_unknown_prefix_message(text))
     target, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
     if kind != "builtin" and "?" in rest and Path(rest).expanduser().exists():
         target, query = rest, ""  # a path with '?' in its name, and no options
     if not target:
-        raise DataError(f"Dataset spec {spec!r} names no path or dataset after '{kind}:'.")
+        raise DataSpecError(f"Dataset spec {spec!r} names no path or dataset after '{kind}:'.")
     if kind == "builtin":
         target = target.lower()
         if target not in BUILTIN_NAMES:
-            raise DataError(
+            raise DataSpecError(
                 f"Unknown builtin dataset {target!r} in {spec!r}; valid: "
                 + ", ".join(f"builtin:{n}" for n in BUILTIN_NAMES)
                 + "."
@@ -114,11 +114,11 @@ def _parse_fractions(spec: str, query: str, allowed: tuple[str, ...]) -> dict[st
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in allowed:
             valid = ", ".join(allowed) if allowed else "none"
-            raise DataError(
+            raise DataSpecError(
                 f"Unknown option {key!r} in dataset spec {spec!r}; valid options: {valid}."
             )
         if key in fractions:
-            raise DataError(
+            raise DataSpecError(
                 f"Option {key!r} is given twice in dataset spec {spec!r}; give it once."
             )
         try:
@@ -126,12 +126,12 @@ def _parse_fractions(spec: str, query: str, allowed: tuple[str, ...]) -> dict[st
         except ValueError:
             frac = -1.0
         if not 0.0 <= frac < 1.0:
-            raise DataError(
+            raise DataSpecError(
                 f"Option {key}={value!r} in {spec!r} must be a fraction in [0, 1), e.g. {key}=0.1."
             )
         fractions[key] = frac
     if sum(fractions.values()) >= 1.0:
-        raise DataError(
+        raise DataSpecError(
             f"The split fractions in {spec!r} add up to 1 or more; nothing is left to train."
         )
     return fractions
