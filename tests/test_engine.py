@@ -135,6 +135,10 @@ def test_bad_options_are_clear() -> None:
         resolve_config({"backbone": "b", "data": "d", "method": "m", "optimizer": "lamb"})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set_options(["prompt_len"])
+    from vprompt.engine.config import load_config_file
+
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config_file(Path(__file__).parent)
     base = {"backbone": "b", "data": "d", "method": "vpt-deep"}
     for bad, message in [  # each was a traceback, a silent 1 epoch or a nameless type error
         ({"epochs": "two"}, "epochs must be a positive integer, got 'two'"),

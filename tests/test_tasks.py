@@ -147,6 +147,9 @@ def test_same_weights_built_with_other_model_options_are_refused(tmp_path):
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         load_task(tmp_path / "nope", backbone=tiny_backbone())
+    (tmp_path / "predict.py").write_text("")
+    with pytest.raises(TaskError, match="is a file; pass the task folder"):
+        load_task(tmp_path / "predict.py", backbone=tiny_backbone())
     (tmp_path / "empty").mkdir()
     with pytest.raises(TaskError, match="not a vprompt task directory"):
         load_task(tmp_path / "empty", backbone=tiny_backbone())

@@ -383,7 +383,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     Accepts every `TrainConfig` field at the top level, method options under
     ``method_options:``; a run directory's ``resolved:`` and ``vprompt_version`` keys are ignored.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        hint = " (a run folder: give its config.yaml)" if (p / "config.yaml").is_file() else ""
+        raise ConfigError(f"config file {p} is a folder, not a YAML file{hint}")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:

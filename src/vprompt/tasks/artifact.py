@@ -98,6 +98,10 @@ def read_task_info(directory: str | os.PathLike) -> TaskInfo:
     """Read and check ``task.json`` without loading any tensor (``directory``: a task folder or
     a run folder, see `resolve_task_dir`)."""
     d = resolve_task_dir(directory)
+    if d.is_file():
+        raise TaskError(
+            f"{d} is a file; pass the task folder that holds {TASK_JSON} (or its run folder)"
+        )
     if not d.is_dir():
         raise TaskError(
             f"task directory {d} does not exist; pass the folder that holds {TASK_JSON}"
