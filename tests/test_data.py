@@ -613,6 +613,16 @@ def test_skip_bad_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixt
         splits.train[i]
 
 
+def test_skip_bad_refuses_a_class_left_without_training_images(tmp_path: Path) -> None:
+    """A class whose every training image is unreadable stayed an output class the head never
+    saw an example of, without a word."""
+    class_tree(tmp_path, {"a": 2, "b": 3, "c": 3})
+    for f in (tmp_path / "a").iterdir():
+        f.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"Every training image of class\(es\) \['a'\]"):
+        build_splits(f"folder:{tmp_path}?val=0&test=0", skip_bad=True)
+
+
 def test_skip_bad_drops_missing_listed_files(tmp_path: Path) -> None:
     write_vtab(tmp_path)
     (tmp_path / "images/train800/0_0.jpg").unlink()

@@ -146,7 +146,7 @@ def build_splits(
     skipped: dict[str, list[str]] = {}
     if skip_bad:
         checked = {k: v for k, v in pools.items() if with_test or k != "test"}
-        kept, skipped = _drop_bad(checked, parsed.text)
+        kept, skipped = _drop_bad(checked, parsed.text, source.class_names)
         pools = {**pools, **kept}
     carved = _carve_missing(pools, parsed, seed)
     wanted = [s for s in SPLITS if s in pools and (with_test or s != "test")]
@@ -176,7 +176,7 @@ def _check_fraction_options(spec: DataSpec, source: SourceSplits) -> None:
 
 
 def _drop_bad(
-    pools: dict[str, ImageRecords], spec: str
+    pools: dict[str, ImageRecords], spec: str, class_names: list[str]
 ) -> tuple[dict[str, ImageRecords], dict[str, list[str]]]:
     cache: dict[object, str | None] = {}
     kept, dropped = {}, {}
@@ -188,6 +188,16 @@ def _drop_bad(
                 f"({records.origin}); check the files."
             )
     warn_dropped(spec, dropped)
+    if "train" in pools:  # a class the head must predict but never sees
+        before = set(pools["train"].labels.tolist())
+        emptied = sorted(before - set(kept["train"].labels.tolist()))
+        if emptied:
+            names = [class_names[i] if i < len(class_names) else str(i) for i in emptied]
+            raise DataError(
+                f"Every training image of class(es) {names} in {spec!r} is unreadable; the "
+                "model could not learn them. Fix or replace those files (the unreadable ones "
+                "are listed above)."
+            )
     return kept, dropped
 
 
