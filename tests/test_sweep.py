@@ -971,3 +971,21 @@ def test_sweep_out_must_be_new_empty_or_a_sweeps(tmp_path: Path) -> None:
     lines: list[str] = []
     run_sweep(spec, tmp_path / "empty", runner=ScriptedRunner(), log=lines.append)  # continues
     assert any("holds a final run with other options" in line for line in lines), lines
+
+
+def test_a_failed_ray_trial_surfaces_its_own_vprompt_error() -> None:
+    """A trial that failed under Ray (a relative data folder in Ray's working directory, say)
+    ended the sweep with ~150 lines of remote traceback; its own error is one line, as locally."""
+    from vprompt.errors import DataError
+    from vprompt.sweep.backends import ray_failure
+
+    class RemoteError(Exception):  # what Ray hands back: the trial's error as `cause`
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("Traceback (most recent call last):\\n  ...\\n" + str(cause))
+            self.cause = cause
+
+    missing = DataError("Dataset folder /x/data does not exist")
+    assert ray_failure([RemoteError(missing), RemoteError(missing)]) is missing
+    other = ray_failure([RemoteError(MemoryError("out of memory"))])
+    assert isinstance(other, RuntimeError)
+    assert str(other).startswith("1 Ray trial(s) failed; first: MemoryError: out of memory")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-from vprompt.errors import ConfigError
+from vprompt.errors import ConfigError, VPromptError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -203,9 +203,7 @@ class RayBackend:
         )
         results = tuner.fit()
         if results.errors:
-            raise RuntimeError(
-                f"{len(results.errors)} Ray trial(s) failed; first: {results.errors[0]}"
-            )
+            raise ray_failure(results.errors)
 
     def close(self) -> None:
         """Disconnect from Ray if this backend connected (a local instance stops with it)."""
@@ -223,6 +221,21 @@ def import_ray() -> tuple[Any, Any]:
     except ImportError as e:
         raise ConfigError("--backend ray needs Ray Tune: pip install 'vprompt[ray]'") from e
     return ray, tune
+
+
+def ray_failure(errors: Sequence[BaseException]) -> BaseException:
+    """What to raise for trials that failed under Ray: the first trial's own vprompt error (a
+    missing data folder, a bad image...: one line on the command line, as with the local
+    backend), else a short `RuntimeError` naming it (Ray's text holds the remote traceback)."""
+    first = errors[0]
+    cause = getattr(first, "cause", None) or first.__cause__ or first
+    if isinstance(cause, VPromptError):
+        return cause
+    text = str(cause).strip().splitlines()
+    return RuntimeError(
+        f"{len(errors)} Ray trial(s) failed; first: {type(cause).__name__}: "
+        f"{text[-1] if text else ''} (the full traceback is in the Ray logs)"
+    )
 
 
 def _ray_trainable(
