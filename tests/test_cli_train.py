@@ -737,10 +737,15 @@ def test_resume_refuses_other_weights_other_data_and_damaged_checkpoints(
     assert invoke(*train_args(tiny_vit_spec, f"folder:{data}", other, *args)).exit_code == 0
     shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
     r = invoke("train", "--resume", run, "--quiet")
-    assert r.exit_code == 1 and "checkpoint.pt does not fit the model" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "checkpoint.pt disagree" in r.stderr, r.stderr
+    assert "method: 'vpt-deep' -> 'linear'" in r.stderr
 
     (run / "checkpoint.pt").write_bytes(checkpoint)
-    assert invoke("train", "--resume", run, "--quiet").exit_code == 0  # all restored: fine
+    config.write_text(original.replace("batch_size: 8", "batch_size: 4"))  # an edited config
+    r = invoke("train", "--resume", run, "--quiet")
+    assert r.exit_code == 2 and "batch_size: 8 -> 4" in r.stderr, r.stderr
+    config.write_text(original)
+    assert invoke("train", "--resume", run, "--quiet", "--workers", "1").exit_code == 0  # fine
 
 
 def test_eval_skip_bad_drops_an_unreadable_image(tiny_vit_spec: str, tmp_path: Path) -> None:

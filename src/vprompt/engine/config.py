@@ -27,6 +27,11 @@ FeatureCache = Literal["auto", "on", "off"]
 LR_SCALING_BATCH = 256
 """The published batch scaling: lr = base_lr x batch / 256 (VPT, MAE)."""
 
+NO_EFFECT: frozenset[str] = frozenset(
+    {"device", "workers", "eval_batch_size", "ckpt_every_steps", "compile"}
+)
+"""Training options that do not change a run's results (where and how fast it runs)."""
+
 MAX_WARMUP_EPOCHS = 10.0
 WARMUP_FRACTION = 0.1
 """Default warm-up: 10 % of the epochs (VPT's 10 of 100), at most 10 epochs."""

@@ -20,6 +20,7 @@ from vprompt._version import __version__
 from vprompt.backbones import Backbone, load_backbone
 from vprompt.engine.checkpoint import CHECKPOINT_INFO, load_checkpoint
 from vprompt.engine.config import (
+    NO_EFFECT,
     TrainConfig,
     config_yaml,
     load_config_file,
@@ -203,6 +204,28 @@ def check_same_setup(run_dir: Path, fingerprint: str, spec: str, train_images: i
         )
 
 
+def check_same_options(
+    run_dir: Path, saved: dict[str, Any] | None, current: dict[str, Any]
+) -> None:
+    """Refuse to resume when ``config.yaml`` no longer says what the checkpoint trained with
+    (an edited batch size, lr or epochs would change the run midway without a word). Options
+    that do not change results (`NO_EFFECT`: device, workers...) may differ; checkpoints from
+    before options were stored are not compared."""
+    if not saved:
+        return
+    changed = [
+        f"{k}: {saved[k]!r} -> {current[k]!r}"
+        for k in sorted(saved)
+        if k not in NO_EFFECT and k in current and saved[k] != current[k]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{run_dir / CONFIG} and the run's checkpoint.pt disagree (checkpoint -> config: "
+            f"{'; '.join(changed)}): one was edited or copied from another run. Put them back "
+            f"as the run wrote them, or start a new run with --config {run_dir / CONFIG}"
+        )
+
+
 def _execute(
     cfg: TrainConfig,
     run: RunDir,
@@ -240,6 +263,7 @@ def _execute(
     )
     if not fresh:
         check_same_setup(run.path, bb.fingerprint, bb.spec, resolved["train_images"])
+        check_same_options(run.path, checkpoint.get("options"), cfg.to_dict())
     for line in describe_setup(cfg, model, splits, resolved, info):
         reporter.info(line)
     if info.is_main:

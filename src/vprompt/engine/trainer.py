@@ -345,6 +345,7 @@ class Loop:
             "rng": rng_state(),
             "loop": self.state.to_dict(),
             "world_size": self.info.world,
+            "options": self.cfg.to_dict(),  # resume checks config.yaml still says the same
         }
 
     def save(self, complete: bool = False) -> None:

@@ -12,17 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vprompt.engine.config import ADDED_OPTIONS
+from vprompt.engine.config import ADDED_OPTIONS, NO_EFFECT
 from vprompt.errors import ConfigError
 from vprompt.sweep.grids import GridPoint, default_grid, grid_points, parse_values
 
 Search = Literal["grid", "halving"]
 SEARCHES: tuple[str, ...] = ("grid", "halving")
-
-NO_EFFECT: frozenset[str] = frozenset(
-    {"device", "workers", "eval_batch_size", "ckpt_every_steps", "compile"}
-)
-"""Training options that do not change a run's results (where and how fast it runs)."""
 
 NOT_IN_KEY: frozenset[str] = NO_EFFECT | {
     "lr",
