@@ -111,8 +111,15 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
     return state
 
 
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating tensors that hold a NaN or an infinity, sorted."""
+    return sorted(
+        k
+        for k, t in tensors.items()
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())
+    )
+
+
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     """True if no floating tensor holds a NaN or an infinity."""
-    return all(
-        bool(torch.isfinite(t).all()) for t in tensors.values() if torch.is_floating_point(t)
-    )
+    return not nonfinite_keys(tensors)

@@ -164,14 +164,15 @@ def load_task(
         TaskError: the folder is not a task, is corrupt, or the backbone's weights differ from the
             ones the task was trained on.
     """
+    from vprompt.engine.checkpoint import nonfinite_keys
     from vprompt.methods.registry import as_backbone, attach
 
+    directory = resolve_task_dir(directory)
     info = read_task_info(directory)
     if backbone is None or isinstance(backbone, str):
         backbone = backbone_for_task(info, backbone)
         backbone.model.to(map_location)
     backbone = as_backbone(backbone)
-    directory = resolve_task_dir(directory)
     check_backbone(info, backbone, directory)
     tensors_path = directory / TASK_TENSORS
     if not tensors_path.is_file():
@@ -180,9 +181,7 @@ def load_task(
         state = load_file(str(tensors_path), device=str(map_location))
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise TaskError(f"{tensors_path} is corrupt ({type(e).__name__}: {e})") from e
-    broken = sorted(
-        k for k, t in state.items() if torch.is_floating_point(t) and not bool(t.isfinite().all())
-    )
+    broken = nonfinite_keys(state)
     if broken:
         raise TaskError(
             f"{tensors_path} holds NaN/inf values in {broken[:5]}"
@@ -209,22 +208,24 @@ def backbone_for_task(info: TaskInfo | None, spec: str | None = None) -> Backbon
     spec the backbone the task names, at its size."""
     from vprompt.backbones import load_backbone, parse_backbone_spec
 
-    if spec is None:
+    the_tasks_own = spec is None
+    if the_tasks_own:
         if info is None:
             raise TaskError("no backbone spec given and no task to take it from")
         spec = info.backbone_spec
-        parsed = parse_backbone_spec(spec)
-        if parsed.kind == "file" and not Path(parsed.target).expanduser().exists():
-            arch = f"#{parsed.arch}" if parsed.arch else ""
-            raise TaskError(
-                f"the task's backbone checkpoint {parsed.target} (its spec '{spec}') is not there "
-                f"any more: moved or deleted. Give its new place with --backbone "
-                f"file:NEW_PATH{arch} (backbone= in Python); its weights are checked against the "
-                "task's fingerprint"
-            )
+    parsed = parse_backbone_spec(spec)
+    missing = parsed.kind == "file" and not Path(parsed.target).expanduser().exists()
+    if the_tasks_own and missing:
+        arch = f"#{parsed.arch}" if parsed.arch else ""
+        raise TaskError(
+            f"the task's backbone checkpoint {parsed.target} (its spec '{spec}') is not there "
+            f"any more: moved or deleted. Give its new place with --backbone "
+            f"file:NEW_PATH{arch} (backbone= in Python); its weights are checked against the "
+            "task's fingerprint"
+        )
     # a spec that sets its own size is loaded at it; if that is not the task's, check_backbone
     # then says so in the task's terms ("trained at N px")
-    own_size = info is None or parse_backbone_spec(spec).img_size is not None
+    own_size = info is None or parsed.img_size is not None
     return load_backbone(spec, img_size=None if own_size else info.img_size)
 
 
